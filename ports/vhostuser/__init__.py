@@ -1,0 +1,1 @@
+"""vhost-user port types: pyswitch as the virtio-net device back end."""

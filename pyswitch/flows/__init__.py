@@ -1,0 +1,1 @@
+"""OpenFlow-style flow rules: parsing, matching, actions, and the flow cache."""
