@@ -181,9 +181,9 @@ class Port(abc.ABC):
     def transmit(self, frames: Sequence[Frame]) -> int:
         """Send ``frames`` out of the switch through this port; never blocks.
 
-        Returns how many frames, from the front, were taken.  The port counts
-        ``tx_packets``/``tx_bytes`` for those and ``drops[reason]`` for the rest
-        (e.g. ``no_buffer``, ``mtu``, ``link_down``): the caller does not retry.
+        Returns how many frames were sent.  The port counts ``tx_packets``/``tx_bytes``
+        for those and ``drops[reason]`` for each one it did not send (e.g.
+        ``no_buffer``, ``mtu``, ``link_down``): the caller does not retry.
         The port must copy what it keeps: the frames are only valid during the call.
         """
 

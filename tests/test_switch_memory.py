@@ -1,0 +1,71 @@
+"""The runtime with in-memory ports: frames go through the real event loop, no root."""
+
+import pytest
+
+from pyswitch.switch import Switch
+from pyswitch.topology import load_topology_text
+from tests.test_bridge import BCAST, frame, mac, vid_of
+
+TOPO = """\
+bridges:
+  br0:
+    ports:
+      m1: {type: memory, tag: 10}
+      m2: {type: memory, tag: 10}
+      m3: {type: memory, tag: 20}
+      t1: {type: memory, trunks: [10, 20]}
+"""
+
+
+@pytest.fixture
+def sw():
+    s = Switch()
+    s.build(load_topology_text(TOPO, "t.yaml"))
+    yield s
+    s.close()
+    s.loop.close()
+
+
+def pump(sw: Switch, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        sw.loop.run_once(max_wait=0.01)
+
+
+def test_frames_cross_the_loop_with_vlans(sw):
+    m1, m2, m3, t1 = (sw.port(n) for n in ("m1", "m2", "m3", "t1"))
+    m1.inject([frame(BCAST, mac(1))])
+    pump(sw)
+    assert len(m2.sent) == 1 and len(m3.sent) == 0
+    assert vid_of(t1.sent[0]) == 10
+    assert m1.counters.rx_packets == 1 and m2.counters.tx_packets == 1
+    assert t1.counters.tx_bytes == len(frame(BCAST, mac(1))) + 4
+
+
+def test_big_batches_are_serviced_fairly_and_completely(sw):
+    m1, m2, m3 = sw.port("m1"), sw.port("m2"), sw.port("m3")
+    m2.inject([frame(BCAST, mac(2))])
+    pump(sw)
+    m2.sent.clear()
+    sw.port("t1").sent.clear()
+    m1.inject([frame(mac(2), mac(1), payload=i.to_bytes(4, "big") * 12) for i in range(1000)])
+    m3.inject([frame(BCAST, mac(3))])
+    pump(sw, rounds=50)
+    assert len(m2.sent) == 1000
+    assert [int.from_bytes(f[14:18], "big") for f in m2.sent] == list(range(1000))
+    assert len(sw.port("t1").sent) == 1  # only m3's broadcast: m1's frames were unicast
+
+
+def test_port_add_and_delete_live(sw):
+    from pyswitch.config import PortConfig
+
+    sw.add_port("br0", PortConfig("m4", "memory"))
+    sw.del_port("m2")
+    sw.port("t1").inject([frame(BCAST, mac(7), vid=10)])
+    pump(sw)
+    assert len(sw.port("m1").sent) == 1
+    assert vid_of(sw.port("m4").sent[0]) == 10  # no VLAN setting: a trunk of every VLAN
+    with pytest.raises(KeyError):
+        sw.port("m2")
+    assert "m2" not in sw.port_names("br0") and sw.port_number("m4") == 5
+    sw.add_port("br0", PortConfig("m5", "memory"))
+    assert sw.port_number("m5") == 2  # the lowest free number, m2's
