@@ -1,0 +1,238 @@
+"""An AF_PACKET socket with a memory-mapped receive ring, bound to one interface.
+
+Receive uses a ``PACKET_RX_RING`` of ``TPACKET_V2`` frames (packet(7),
+Documentation/networking/packet_mmap.rst): the kernel copies each frame into a
+slot of a ring shared with us and flips the slot's ``tp_status`` to
+``TP_STATUS_USER``; a batch is read without any system call, handed to the switch
+as memoryviews into the ring, and returned to the kernel (``TP_STATUS_KERNEL``) by
+:meth:`PacketRing.release`.  So the receive path allocates one memoryview per frame
+and nothing else, and received frames are valid until ``release()``.
+
+The ring also fixes a correctness trap of plain ``recv()``: the kernel strips an
+802.1Q tag into skb metadata before AF_PACKET sees the frame (``skb_vlan_untag``),
+so a plain read loses it.  The ring header carries it (``tp_vlan_tci``,
+``tp_vlan_tpid``) and we put it back in the frame, using the 4 bytes of headroom
+reserved with ``PACKET_RESERVE``.
+
+Transmit is one ``send()`` per frame on the same non-blocking socket.
+``PACKET_IGNORE_OUTGOING`` keeps the ring from seeing our own transmissions.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import socket
+import struct
+from typing import Sequence
+
+from pyswitch.port import Frame, PortCounters, PortError
+
+# linux/if_packet.h, linux/if_ether.h
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_RESERVE = 12
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V2 = 1
+ETH_P_ALL = 0x0003
+SO_SNDBUFFORCE = 32
+TP_STATUS_USER = 0x1
+TP_STATUS_LOSING = 0x4
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+
+#: struct tpacket2_hdr: status, len, snaplen, mac, net, sec, nsec, vlan_tci, vlan_tpid, pad.
+TPACKET2_HDR = struct.Struct("=IIIHHIIHH4x")
+_TPACKET_REQ = struct.Struct("=IIII")  # block_size, block_nr, frame_size, frame_nr
+_TPACKET_STATS = struct.Struct("=II")  # tp_packets, tp_drops (reset on read)
+_VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
+_STATUS_KERNEL = b"\x00\x00\x00\x00"
+VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8")
+# Where the MAC header lands in a slot (tpacket_rcv): netoff = TPACKET_ALIGN(TPACKET2_HDRLEN 52
+# + 16) + tp_reserve 4 = 84, macoff = netoff - 14 = 70; 8 bytes of margin on top.
+_MAC_OFFSET_MAX = 78
+RING_BYTES = 2 << 20
+VLAN_HEADROOM = 4
+
+
+def frame_slot_size(mtu: int) -> int:
+    """Smallest power-of-two ring slot that holds header, headroom and an MTU-sized
+    frame with one VLAN tag (at least 2048)."""
+    need = _MAC_OFFSET_MAX + 14 + 4 + mtu
+    size = 2048
+    while size < need:
+        size <<= 1
+    return size
+
+
+class PacketRing:
+    """A non-blocking AF_PACKET socket bound to ``ifname`` with a TPACKET_V2 RX ring.
+
+    ``receive``/``release``/``transmit`` count into ``counters`` as the port contract
+    says; ``mtu`` sets the size limit (``mtu + 14``, ``+ 4`` when VLAN-tagged).
+    """
+
+    def __init__(self, ifname: str, mtu: int, counters: PortCounters,
+                 ring_bytes: int = RING_BYTES) -> None:
+        self.ifname = ifname
+        self.mtu = mtu
+        self.counters = counters
+        self._limit = mtu + 14
+        self._held: list[int] = []
+        self._head = 0
+        self.sock = _open_socket(ifname)
+        try:
+            self._setup_ring(ring_bytes)
+        except OSError as exc:
+            self.sock.close()
+            raise PortError(f"setting up the receive ring on {ifname!r}: {exc.strerror}") from exc
+
+    def _setup_ring(self, ring_bytes: int) -> None:
+        self._slot = frame_slot_size(self.mtu)
+        block = max(self._slot, 1 << 16)
+        blocks = max(1, ring_bytes // block)
+        self._slots = blocks * (block // self._slot)
+        req = _TPACKET_REQ.pack(block, blocks, self._slot, self._slots)
+        self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        self._mmap = mmap.mmap(self.sock.fileno(), block * blocks, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mv = memoryview(self._mmap)
+        # bind last: frames start arriving in the ring from here on.
+        self.sock.bind((self.ifname, ETH_P_ALL))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self, max_frames: int) -> list[Frame]:
+        """Up to ``max_frames`` frames from the ring as views; never blocks."""
+        mv, mm, unpack, slot, nslots = self._mv, self._mmap, TPACKET2_HDR.unpack_from, \
+            self._slot, self._slots
+        held, head, limit = self._held, self._head, self._limit
+        out: list[Frame] = []
+        nbytes = oversize = 0
+        lost = False
+        while len(out) < max_frames:
+            off = head * slot
+            status, length, snap, mac, _net, _s, _ns, tci, tpid = unpack(mv, off)
+            if not status & TP_STATUS_USER:
+                break
+            head = head + 1 if head + 1 < nslots else 0
+            held.append(off)
+            lost |= bool(status & TP_STATUS_LOSING)
+            start = off + mac
+            if status & TP_STATUS_VLAN_VALID:  # re-insert the tag the kernel took out
+                mm.move(start - 4, start, 12)
+                _VLAN_TAG.pack_into(mv, start + 8,
+                                    tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
+                start -= 4
+                snap += 4
+                length += 4
+            if length > limit and (snap < length or length > limit + 4
+                                   or mv[start + 12:start + 14] not in VLAN_TPIDS):
+                oversize += 1
+                continue
+            out.append(mv[start:start + snap])
+            nbytes += snap
+        self._head = head
+        counters = self.counters
+        counters.rx_packets += len(out)
+        counters.rx_bytes += nbytes
+        if oversize:
+            counters.drop("mtu", oversize, rx=True)
+        if lost:
+            self.poll_kernel_drops()
+        return out
+
+    def release(self) -> None:
+        """Give every slot handed out since the last release back to the kernel."""
+        mv = self._mv
+        for off in self._held:
+            mv[off:off + 4] = _STATUS_KERNEL
+        self._held.clear()
+
+    def transmit(self, frames: Sequence[Frame]) -> int:
+        """Send each frame; returns how many were sent.  Oversized frames are dropped
+        one by one (``mtu``); a full socket (``no_buffer``) or a down link (``link_down``)
+        drops the rest of the batch."""
+        send, limit, counters = self.sock.send, self._limit, self.counters
+        sent = nbytes = 0
+        for i, frame in enumerate(frames):
+            n = len(frame)
+            if n > limit and (n > limit + 4 or bytes(frame[12:14]) not in VLAN_TPIDS):
+                counters.drop("mtu", rx=False)
+                continue
+            try:
+                send(frame)
+            except OSError as exc:
+                reason = _tx_error_reason(exc)
+                if reason == "mtu" or reason == "malformed":
+                    counters.drop(reason, rx=False)
+                    continue
+                counters.drop(reason, len(frames) - i, rx=False)
+                break
+            sent += 1
+            nbytes += n
+        counters.tx_packets += sent
+        counters.tx_bytes += nbytes
+        return sent
+
+    def poll_kernel_drops(self) -> int:
+        """Fold the kernel's count of frames lost for want of a free ring slot into
+        ``drops["no_buffer"]`` (rx); returns how many were new."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+        _packets, drops = _TPACKET_STATS.unpack(raw)
+        if drops:
+            self.counters.drop("no_buffer", drops, rx=True)
+        return int(drops)
+
+    def ring_info(self) -> dict[str, int]:
+        return {"ring_slots": self._slots, "slot_size": self._slot}
+
+    def close(self) -> None:
+        """Close the socket and unmap the ring (idempotent).  Views the switch still
+        holds keep the mapping alive until they are dropped."""
+        if self.sock.fileno() < 0:
+            return
+        self._held.clear()
+        self._mv.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # outstanding frame views; the mapping goes when they do
+        self.sock.close()
+
+
+def _open_socket(ifname: str) -> socket.socket:
+    """Create the socket with protocol 0 (it receives nothing until bound), set it up."""
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    except OSError as exc:
+        raise PortError(f"opening an AF_PACKET socket for {ifname!r}: {exc.strerror}") from exc
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        sock.setsockopt(SOL_PACKET, PACKET_RESERVE, VLAN_HEADROOM)
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    except OSError as exc:
+        sock.close()
+        raise PortError(f"configuring the AF_PACKET socket for {ifname!r}: {exc.strerror}") from exc
+    return sock
+
+
+def _tx_error_reason(exc: OSError) -> str:
+    """Map a ``send()`` error to a drop reason of :data:`pyswitch.port.DROP_REASONS`."""
+    if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM):
+        return "no_buffer"
+    if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.EIO):
+        return "link_down"
+    if exc.errno == errno.EMSGSIZE:
+        return "mtu"
+    if exc.errno == errno.EINVAL:
+        return "malformed"
+    return "link_down"
