@@ -105,6 +105,11 @@ class Guest:
         self._watcher = threading.Thread(target=self._watch, name=f"guest-{self.name}", daemon=True)
         self._watcher.start()
 
+    @property
+    def running(self) -> bool:
+        """True while QEMU (or its timeout wrapper) has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
     def console_text(self) -> str:
         """Everything the guest printed on its serial console so far."""
         try:

@@ -64,6 +64,8 @@ def parse_port_stats(text: str) -> dict[int, PortStats]:
 class Testpmd:
     """One interactive dpdk-testpmd process; see the module docstring for the contract."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     def __init__(self, vdevs: list[str], forward_mode: str = "io", lcores: str = "0@0,1@1",
                  mem_mb: int = 512, mbufs: int = 8192, app_args: tuple[str, ...] = (),
                  cleanup_paths: tuple[Path, ...] = (), start_timeout: float = 30.0) -> None:
@@ -167,12 +169,12 @@ class Testpmd:
             proc.stdin.close()
         if self._reader is not None:
             self._reader.join(timeout=5)
-        for runtime in self._runtime_dirs():
+        for runtime in self.runtime_dirs():
             shutil.rmtree(runtime, ignore_errors=True)
         for path in self.cleanup_paths:
             Path(path).unlink(missing_ok=True)
 
-    def _runtime_dirs(self) -> list[Path]:
+    def runtime_dirs(self) -> list[Path]:
         """Where EAL puts this prefix's runtime files (root: /var/run/dpdk; others: XDG_RUNTIME_DIR or /tmp)."""
         bases = [Path("/var/run/dpdk"), Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "dpdk"]
         return [base / self.prefix for base in bases]

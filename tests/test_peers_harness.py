@@ -1,0 +1,163 @@
+"""The real-peer harness (tests/peers) against a vhost-user back end that already works: DPDK's net_vhost.
+
+Two QEMU guests sit on two net_vhost ports of one dpdk-testpmd in `io` mode (port 0 <-> port 1: a wire
+between the VMs) and ping each other, once with QEMU connecting (testpmd listens, the `dpdkvhostuser` role)
+and once with QEMU listening (testpmd connects with client=1, the `dpdkvhostuserclient` role). When these
+pass, a failure of the same tests against pyswitch is pyswitch's. Boot-to-first-reply times are printed
+(run with -s) and recorded as test properties.
+
+CPU: testpmd's forwarding lcore spins on CPU 1 once started; both TCG guests (-smp 1 each) share the rest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.peers.initramfs import NET_MODULES, build_initramfs, find_kernel, module_load_order
+from tests.peers.missing import PeerMissingError
+from tests.peers.qemu import Guest, GuestError, start_guest
+from tests.peers.testpmd import Testpmd
+
+pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
+
+GUEST_TIMEOUT = 100  # seconds of wall time a guest may live, whatever happens to the test
+MACS = ("02:50:53:00:00:01", "02:50:53:00:00:02")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short private directory (vhost-user socket paths must stay under 108 bytes); always removed."""
+    path = Path(tempfile.mkdtemp(prefix="pst"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _ping_pair(workdir: Path, socks: tuple[Path, Path], role: str) -> tuple[Guest, Guest, ExitStack]:
+    """Start two guests (10.250.0.1 and .2; their traffic never leaves testpmd) that ping each other.
+    The caller owns the returned ExitStack, which stops them; if the second fails to start, the first
+    is stopped here."""
+    with ExitStack() as stack:
+        guests = [stack.enter_context(start_guest(
+            f"pst-g{i}", sock, MACS[i], f"10.250.0.{i + 1}/24", f"10.250.0.{2 - i}", workdir=workdir,
+            role=role, count=5, seconds=60, linger=8, timeout=GUEST_TIMEOUT)) for i, sock in enumerate(socks)]
+        return guests[0], guests[1], stack.pop_all()
+
+
+def _check_pings(guests: tuple[Guest, Guest], record_property: pytest.RecordProperty, label: str) -> None:
+    """Both guests got all their replies; record and print launch-to-ready and launch-to-first-reply."""
+    for guest in guests:
+        line = guest.wait_for("PYSWITCH-PING-", timeout=90)
+        assert "PYSWITCH-PING-OK received=5/5" in line, guest.describe()
+    for guest in guests:
+        ready, first = guest.seconds_to("PYSWITCH-READY"), guest.seconds_to("PYSWITCH-FIRST-REPLY")
+        uptime = guest.wait_for("PYSWITCH-FIRST-REPLY").split("uptime=")[1]
+        record_property(f"{label}-{guest.name}-ready-s", round(ready, 2))
+        record_property(f"{label}-{guest.name}-first-reply-s", round(first, 2))
+        print(f"\n{label} {guest.name}: launch->READY {ready:.1f}s, launch->first reply {first:.1f}s "
+              f"(guest uptime {uptime}s)")
+
+
+def _check_forwarded(testpmd: Testpmd) -> None:
+    """testpmd saw the pings both ways: each port received at least the 5 requests or replies, and in io
+    mode what one port received went out of the other."""
+    stats = testpmd.port_stats()
+    assert stats[0].rx_packets >= 5 and stats[1].rx_packets >= 5, stats
+    assert stats[1].tx_packets <= stats[0].rx_packets and stats[0].tx_packets <= stats[1].rx_packets, stats
+
+
+def test_two_guests_ping_through_testpmd_vhost_qemu_client(workdir: Path,
+                                                            record_property: pytest.RecordProperty) -> None:
+    """QEMU connects (chardev client); testpmd's net_vhost listens, as pyswitch's dpdkvhostuser will."""
+    socks = (workdir / "vh0.sock", workdir / "vh1.sock")
+    vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
+    with Testpmd(vdevs, forward_mode="io", cleanup_paths=socks) as testpmd:
+        assert all(s.exists() for s in socks), testpmd.output()
+        testpmd.command("start")
+        g0, g1, stack = _ping_pair(workdir, socks, role="client")
+        with stack:
+            _check_pings((g0, g1), record_property, "qemu-client")
+            _check_forwarded(testpmd)
+        runtime = testpmd.runtime_dirs()
+    assert not g0.running and not g1.running
+    assert not any(s.exists() for s in socks) and not any(r.exists() for r in runtime)
+
+
+def test_two_guests_ping_through_testpmd_vhost_qemu_server(workdir: Path,
+                                                            record_property: pytest.RecordProperty) -> None:
+    """QEMU listens (server=on,wait=off); testpmd's net_vhost connects with client=1, as pyswitch's
+    dpdkvhostuserclient will.  The guests boot before any back end is there."""
+    socks = (workdir / "q0.sock", workdir / "q1.sock")
+    g0, g1, stack = _ping_pair(workdir, socks, role="server")
+    with stack:
+        deadline = time.monotonic() + 10
+        while not all(s.exists() for s in socks):
+            assert time.monotonic() < deadline, "QEMU did not create its vhost-user sockets"
+            time.sleep(0.05)
+        vdevs = [f"net_vhost{i},iface={s},queues=1,client=1" for i, s in enumerate(socks)]
+        with Testpmd(vdevs, forward_mode="io") as testpmd:
+            testpmd.command("start")
+            _check_pings((g0, g1), record_property, "qemu-server")
+            _check_forwarded(testpmd)
+    assert not any(s.exists() for s in socks), "Guest.stop() must remove the socket QEMU listened on"
+
+
+def test_client_guest_without_back_end_fails_clearly(workdir: Path) -> None:
+    """No back end listening: start_guest raises GuestError naming the socket, and launches no QEMU."""
+    sock = workdir / "nobody.sock"
+    with pytest.raises(GuestError, match="no vhost-user back end listening on .*nobody.sock"):
+        start_guest("pst-none", sock, MACS[0], "10.0.0.1/24", workdir=workdir, connect_timeout=0.5)
+    assert not (workdir / "pst-none.qemu.log").exists()
+
+
+def test_missing_peers_fail_naming_the_package(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an empty PATH the harness fails (never skips) and says which Debian package to install."""
+    monkeypatch.setenv("PATH", str(workdir))
+    with pytest.raises(PeerMissingError, match="install the Debian package qemu-system-x86"):
+        start_guest("pst-x", workdir / "x.sock", MACS[0], "10.0.0.1/24", workdir=workdir)
+    with pytest.raises(PeerMissingError, match="install the Debian package dpdk-dev"):
+        Testpmd(["net_vhost0,iface=/nonexistent"])
+
+
+def test_initramfs_is_cached_and_loads_virtio_net_after_its_dependencies(workdir: Path) -> None:
+    """The archive is a valid newc cpio (read back by busybox cpio), holds /init, busybox and every module
+    modules.dep requires, listed dependencies first; a second build reuses the cached file."""
+    first = build_initramfs(cache_dir=workdir)
+    mtime = first.stat().st_mtime_ns
+    assert build_initramfs(cache_dir=workdir) == first and first.stat().st_mtime_ns == mtime
+    listing = subprocess.run(f"gunzip -c {first} | busybox cpio -t", shell=True, capture_output=True,
+                             text=True, check=True, timeout=30).stdout.split()
+    unpacked = workdir / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(f"gunzip -c {first} | busybox cpio -id modules/order", shell=True, cwd=unpacked,
+                   capture_output=True, check=True, timeout=30)
+    order = (unpacked / "modules" / "order").read_text().split()
+    assert {"init", "bin/busybox", "dev/console", "modules/order"} <= set(listing)
+    assert {f"modules/{name}.ko" for name in order} <= set(listing)
+    kernel = find_kernel()
+    assert len(order) == len(module_load_order(kernel.moddir, NET_MODULES))
+    assert order[-1] == "virtio_net" and order.index("virtio") < order.index("virtio_pci")
+    assert order.index("virtio_ring") < order.index("virtio") and "net_failover" in order
+
+
+def test_testpmd_port_stats_parse_live_counters(workdir: Path) -> None:
+    """A testpmd with two idle net_vhost ports reports both ports at zero; stopping it removes its
+    runtime directory and the sockets it made."""
+    socks = (workdir / "s0.sock", workdir / "s1.sock")
+    vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
+    with Testpmd(vdevs, cleanup_paths=socks) as testpmd:
+        stats = testpmd.port_stats()
+        runtime = [r for r in testpmd.runtime_dirs() if r.exists()]
+        assert runtime, "testpmd's runtime directory should exist while it runs"
+    assert sorted(stats) == [0, 1]
+    assert all(s.rx_packets == 0 and s.tx_packets == 0 and s.rx_errors == 0 for s in stats.values())
+    assert not any(r.exists() for r in runtime) and not any(s.exists() for s in socks)
