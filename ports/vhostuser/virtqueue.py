@@ -1,0 +1,326 @@
+"""Split virtqueues of a virtio-net device, worked from the device side.
+
+Layout (virtio 1.2, 2.7 "Split Virtqueues"), all little endian, N = queue size:
+
+* descriptor table, 16 bytes each: ``le64 addr, le32 len, le16 flags, le16 next``
+  (flags: 1 NEXT, 2 WRITE, 4 INDIRECT) -- addresses are guest physical;
+* avail ring: ``le16 flags (1 NO_INTERRUPT), le16 idx, le16 ring[N], le16 used_event``;
+* used ring:  ``le16 flags (1 NO_NOTIFY), le16 idx, {le32 id, le32 len}[N], le16 avail_event``.
+
+Indices are free-running u16.  Directions keep the guest's names: the **transmitq**
+carries frames from the guest (the switch *receives* them, :meth:`Virtqueue.pop_frames`);
+the **receiveq** carries frames to the guest (:meth:`Virtqueue.fill_frames`).
+
+Safety rules, because guest memory is hostile:
+
+* every descriptor is copied out with one ``unpack_from`` and only the copies are
+  checked and used (no double fetch); the avail index is read once per batch;
+* every buffer goes through :class:`GuestMemory`'s bounds-checked accessor;
+* a chain visits at most N descriptors (N of the indirect table inside one), so a
+  loop ends (rust-vmm's TTL); a bad chain raises :class:`BadChain` inside and is
+  returned to the guest as used with length 0, dropped and counted, never fatal;
+* the used ring is written element by element and ``used.idx`` is published once
+  per batch, after the elements (x86 keeps store order; see ``vhost-user-notes``).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from .memory import BadAddress, GuestMemory
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+#: virtio-net header with num_buffers (5.1.6 "Device Operation"): 12 bytes with VERSION_1/MRG_RXBUF.
+NET_HDR = struct.Struct("<BBHHHHH")
+assert (DESC.size, USED_ELEM.size, NET_HDR.size) == (16, 8, 12)
+NET_HDR_LEN = NET_HDR.size
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+
+#: An uncontended lock acquire is a LOCK-prefixed instruction on x86-64: a full fence.
+#: Needed between publishing used.idx and reading used_event (2.7.10, EVENT_IDX).
+_fence = threading.Lock()
+
+
+class BadChain(Exception):
+    """A descriptor chain the device must not use (loop, bad index, bad address ...)."""
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Per-queue counters; plain ints, updated once per batch where possible."""
+
+    bad_chains: int = 0
+    broken_avail: int = 0
+
+
+class Virtqueue:
+    """One split virtqueue mapped over guest memory.
+
+    ``desc``, ``avail`` and ``used`` are front-end virtual addresses (SET_VRING_ADDR);
+    construction raises :class:`BadAddress` if a ring is not inside guest memory or
+    ``ValueError`` for a bad size/alignment.  ``last_avail_idx`` is the next avail
+    entry to process (SET_VRING_BASE); the used index is read from the ring.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        last_avail_idx: int = 0,
+        event_idx: bool = False,
+    ) -> None:
+        if not (0 < size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
+            raise ValueError(f"queue size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        if desc % 16 or avail % 2 or used % 4:
+            raise ValueError("misaligned ring (2.7: desc 16, avail 2, used 4 bytes)")
+        self.mem = mem
+        self.size = size
+        self.desc = mem.uva(desc, 16 * size)
+        self.avail = mem.uva(avail, 6 + 2 * size)
+        self.used = mem.uva(used, 6 + 8 * size)
+        self.event_idx = event_idx
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        self.stats = QueueStats()
+        self.broken = False
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+
+    # -- avail side -----------------------------------------------------------------------
+    def pending(self) -> int:
+        """How many avail entries wait; 0 (and ``broken``) if the guest's index is absurd."""
+        if self.broken:
+            return 0
+        n = (U16.unpack_from(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        if n > self.size:
+            # 2.7.13: the driver never has more than N buffers out; this ring is corrupt.
+            self.broken = True
+            self.stats.broken_avail += 1
+            return 0
+        return n
+
+    def _take_heads(self, max_n: int) -> list[int]:
+        n = min(self.pending(), max_n)
+        if not n:
+            return []
+        avail, size, last = self.avail, self.size, self.last_avail_idx
+        heads = [U16.unpack_from(avail, 4 + 2 * ((last + i) & (size - 1)))[0] for i in range(n)]
+        self.last_avail_idx = (last + n) & 0xFFFF
+        return heads
+
+    def walk(self, head: int, writable: bool) -> list[memoryview]:
+        """The buffers of the chain at ``head``, all device-writable or all readable.
+
+        Raises :class:`BadChain` for an index out of range, a loop or a chain longer
+        than the table (TTL), nested or malformed INDIRECT (2.7.5.3), a buffer of the
+        wrong direction, or an address outside guest memory.
+        """
+        table, table_n, idx = self.desc, self.size, head
+        ttl, indirect, segs = self.size, False, []
+        mem = self.mem
+        try:
+            while True:
+                if idx >= table_n:
+                    raise BadChain(f"descriptor index {idx} >= {table_n}")
+                ttl -= 1
+                if ttl < 0:
+                    raise BadChain("chain longer than its table (loop?)")
+                addr, length, flags, nxt = DESC.unpack_from(table, 16 * idx)
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    if indirect or flags & VIRTQ_DESC_F_NEXT:
+                        raise BadChain("nested INDIRECT, or INDIRECT with NEXT")
+                    if length == 0 or length % 16:
+                        raise BadChain(f"indirect table of {length} bytes")
+                    table, table_n = mem.gpa(addr, length), length // 16
+                    ttl, indirect, idx = table_n, True, 0
+                    continue
+                if bool(flags & VIRTQ_DESC_F_WRITE) != writable:
+                    raise BadChain("buffer of the wrong direction for this queue")
+                segs.append(mem.gpa(addr, length))
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    return segs
+                idx = nxt
+        except BadAddress as exc:
+            raise BadChain(str(exc)) from exc
+
+    # -- used side -----------------------------------------------------------------------
+    def put_used(self, entries: Sequence[tuple[int, int]]) -> bool:
+        """Write ``(head, length)`` used elements, publish ``used.idx`` once.
+
+        Returns whether the driver wants a notification for this batch (2.7.7 /
+        2.7.10).  With EVENT_IDX also asks for a kick at the next avail entry.
+        """
+        if not entries:
+            return False
+        used, mask, old = self.used, self.size - 1, self.used_idx
+        idx = old
+        for head, length in entries:
+            USED_ELEM.pack_into(used, 4 + 8 * (idx & mask), head, length)
+            idx = (idx + 1) & 0xFFFF
+        U16.pack_into(used, 2, idx)  # publish after the elements
+        self.used_idx = idx
+        return self.need_notify(old, idx)
+
+    def need_notify(self, old: int, new: int) -> bool:
+        """The driver's notification wish for used entries ``old..new``."""
+        if self.event_idx:
+            with _fence:  # full barrier: publish used.idx before reading used_event
+                pass
+            event = U16.unpack_from(self.avail, self._used_event_off)[0]
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def ask_kicks(self, enable: bool) -> None:
+        """Ask the driver to kick on new buffers or not (used.flags / avail_event)."""
+        if self.event_idx:
+            value = self.last_avail_idx if enable else (self.last_avail_idx - 1) & 0xFFFF
+            U16.pack_into(self.used, self._avail_event_off, value)
+        U16.pack_into(self.used, 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+
+    # -- transmitq: frames from the guest -------------------------------------------------
+    def pop_frames(self, max_n: int, frames: list, heads: list[int], hdr_len: int = NET_HDR_LEN) -> int:
+        """Pop up to ``max_n`` chains of the guest's transmitq.
+
+        Appends each frame (without its virtio-net header; a memoryview over guest
+        memory when the frame is in one buffer, else a copied ``bytes``) to
+        ``frames`` and its head to ``heads``; the caller must :meth:`put_used` the
+        heads (length 0) when done with the frames.  Bad chains are put on ``heads``
+        too (so the guest gets them back) but give no frame.  Returns the number of
+        bad chains.  With EVENT_IDX, asks for a kick at the next entry.
+        """
+        bad = 0
+        for head in self._take_heads(max_n):
+            heads.append(head)
+            try:
+                frames.append(_strip_header(self.walk(head, writable=False), hdr_len))
+            except BadChain:
+                bad += 1
+        if self.event_idx:
+            U16.pack_into(self.used, self._avail_event_off, self.last_avail_idx)
+        self.stats.bad_chains += bad
+        return bad
+
+    # -- receiveq: frames to the guest ----------------------------------------------------
+    def fill_frames(self, frames: Sequence, mergeable: bool, hdr_len: int = NET_HDR_LEN) -> RxResult:
+        """Copy ``frames`` (in order) into the guest's receiveq, header first.
+
+        Stops at the first frame for which the guest has too few buffers (the rest
+        are not taken: ``result.taken`` tells how many were).  With MRG_RXBUF a frame
+        may span several chains and its header's ``num_buffers`` says how many
+        (5.1.6.4); without it a frame must fit one chain or is dropped as too big.
+        Used entries are published once; ``result.notify`` says whether to call.
+        """
+        res = RxResult()
+        used: list[tuple[int, int]] = []
+        for frame in frames:
+            need = hdr_len + len(frame)
+            mark = self.last_avail_idx
+            chains = self._collect(need, mergeable, res, used)
+            if chains is None:
+                self.last_avail_idx = mark  # not consumed: the guest keeps these buffers
+                break
+            res.taken += 1
+            if not chains:
+                continue  # dropped (too big or bad chain), heads already returned
+            lengths = _scatter([segs for _, segs in chains], hdr_len, len(chains), frame)
+            used.extend((head, n) for (head, _), n in zip(chains, lengths))
+            res.sent += 1
+            res.bytes += len(frame)
+        self.stats.bad_chains += res.bad
+        res.notify = self.put_used(used)
+        return res
+
+    def _collect(self, need: int, mergeable: bool, res: RxResult, used: list) -> list | None:
+        """Chains with room for ``need`` bytes; ``None`` if the guest has too few buffers;
+        ``[]`` if the frame is dropped (bad chain or too big) with the heads returned."""
+        chains: list[tuple[int, list[memoryview]]] = []
+        room = 0
+        while room < need:
+            heads = self._take_heads(1)
+            if not heads:
+                return None
+            try:
+                segs = self.walk(heads[0], writable=True)
+            except BadChain:
+                res.bad += 1
+                used.extend((h, 0) for h in [*(h for h, _ in chains), heads[0]])
+                return []
+            chains.append((heads[0], segs))
+            room += sum(len(s) for s in segs)
+            if not mergeable and room < need:
+                res.too_big += 1
+                used.append((heads[0], 0))
+                return []
+        return chains
+
+
+@dataclass(slots=True)
+class RxResult:
+    """Outcome of :meth:`Virtqueue.fill_frames`."""
+
+    taken: int = 0  # frames consumed from the input (sent or dropped for a reason below)
+    sent: int = 0
+    bytes: int = 0
+    bad: int = 0  # dropped: bad descriptor chain
+    too_big: int = 0  # dropped: larger than one guest buffer without MRG_RXBUF
+    notify: bool = False
+
+
+def _strip_header(segs: list[memoryview], hdr_len: int) -> memoryview | bytes:
+    """The frame after the virtio-net header, whatever the split of the buffers."""
+    skip = hdr_len
+    parts = []
+    for seg in segs:
+        if skip:
+            if len(seg) <= skip:
+                skip -= len(seg)
+                continue
+            seg = seg[skip:]
+            skip = 0
+        if len(seg):
+            parts.append(seg)
+    if skip or not parts:
+        raise BadChain("chain shorter than the virtio-net header plus a frame")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _scatter(chains: list[list[memoryview]], hdr_len: int, nbufs: int, frame) -> list[int]:
+    """Write header (num_buffers = ``nbufs``) then ``frame`` across the chains' buffers;
+    return the bytes written into each chain."""
+    hdr = NET_HDR.pack(0, 0, 0, 0, 0, 0, nbufs)[:hdr_len]
+    first = chains[0][0]
+    total = hdr_len + len(frame)
+    if len(first) >= total:  # the common case: one buffer holds it all
+        first[:hdr_len] = hdr
+        first[hdr_len:total] = frame
+        return [total] + [0] * (len(chains) - 1)
+    pieces = (memoryview(hdr), memoryview(frame).cast("B"))
+    pi, po, lengths = 0, 0, []
+    for segs in chains:
+        written = 0
+        for seg in segs:
+            so = 0
+            while so < len(seg) and pi < 2:
+                piece = pieces[pi]
+                take = min(len(seg) - so, len(piece) - po)
+                seg[so : so + take] = piece[po : po + take]
+                so, po, written = so + take, po + take, written + take
+                if po == len(piece):
+                    pi, po = pi + 1, 0
+        lengths.append(written)
+    return lengths

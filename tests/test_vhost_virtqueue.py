@@ -1,0 +1,277 @@
+"""Split virtqueue layer, driven from the driver side laid out in memfd guest memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyswitch.ports.vhostuser.virtqueue import NET_HDR, BadChain, Virtqueue
+from tests.vhost_frontend import F_INDIRECT, F_NEXT, F_WRITE, DriverQueue, GuestRAM
+
+FRAME = bytes(range(64)) * 2  # 128-byte frame
+
+
+@pytest.fixture
+def ram():
+    r = GuestRAM([(0, 4 << 20), (0x4000_0000, 1 << 20)])
+    yield r
+    r.close()
+
+
+def make(ram, size=16, event_idx=False, region=0):
+    dq = DriverQueue(ram, size, region)
+    mem = ram.mapped()
+    a = dq.addr(0)
+    vq = Virtqueue(mem, size, a.desc, a.avail, a.used, event_idx=event_idx)
+    return dq, vq, mem
+
+
+def pop(vq, n=32):
+    frames, heads = [], []
+    bad = vq.pop_frames(n, frames, heads)
+    return [bytes(f) for f in frames], heads, bad
+
+
+@pytest.mark.parametrize("split", ["together", "apart", "indirect", "bytes"])
+def test_transmitq_any_header_layout(ram, split):
+    dq, vq, mem = make(ram, size=32)
+    head = dq.send_frame(FRAME, split)
+    frames, heads, bad = pop(vq)
+    assert (frames, heads, bad) == ([FRAME], [head], 0)
+    assert vq.put_used([(head, 0)]) is True  # no NO_INTERRUPT: notify
+    assert dq.take_used() == [(head, 0)]
+    mem.close()
+
+
+def test_batch_publishes_used_idx_once_and_in_order(ram):
+    dq, vq, mem = make(ram)
+    heads = [dq.send_frame(FRAME[: 60 + i]) for i in range(5)]
+    frames, got, _ = pop(vq, 3)  # batch limit honoured
+    assert [len(f) for f in frames] == [60, 61, 62] and got == heads[:3]
+    assert vq.pending() == 2
+    vq.put_used([(h, 0) for h in got])
+    assert dq.used_idx() == 3
+    assert [h for h, _ in dq.take_used()] == heads[:3]
+    mem.close()
+
+
+def test_frame_in_second_region(ram):
+    dq, vq, mem = make(ram)
+    buf = ram.alloc(12 + len(FRAME), region=1)
+    ram.write(buf, bytes(12) + FRAME)
+    head = dq.add_chain([(buf, 12 + len(FRAME), False)])
+    dq.make_available([head])
+    assert pop(vq)[0] == [FRAME]
+    mem.close()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        "loop", "self_loop", "bad_next", "bad_addr", "wrapping_addr", "nested_indirect",
+        "indirect_with_next", "indirect_bad_len", "writable_in_tx", "short_header", "indirect_loop",
+    ],
+)
+def test_bad_chains_are_dropped_counted_and_returned(ram, build):
+    dq, vq, mem = make(ram, size=8)
+    buf = ram.alloc(2048)
+    ram.write(buf, bytes(12) + FRAME)
+    h = dq.free.pop(0)
+    w = dq.write_desc
+    if build == "loop":
+        dq.free.remove(1)
+        w(h, buf, 10, F_NEXT, 1)
+        w(1, buf, 10, F_NEXT, h)
+    elif build == "self_loop":
+        w(h, buf, 10, F_NEXT, h)
+    elif build == "bad_next":
+        w(h, buf, 12, F_NEXT, 99)
+    elif build == "bad_addr":
+        w(h, 0x9000_0000, 200, 0)
+    elif build == "wrapping_addr":
+        w(h, 2**64 - 16, 32, 0)
+    elif build in ("nested_indirect", "indirect_loop"):
+        table = ram.alloc(32)
+        if build == "nested_indirect":
+            w(0, table, 16, F_INDIRECT, table=table)
+        else:
+            w(0, buf, 10, F_NEXT, 1, table=table)
+            w(1, buf, 10, F_NEXT, 0, table=table)
+        w(h, table, 32, F_INDIRECT)
+    elif build == "indirect_with_next":
+        w(h, buf, 16, F_INDIRECT | F_NEXT, 1)
+    elif build == "indirect_bad_len":
+        w(h, buf, 20, F_INDIRECT)
+    elif build == "writable_in_tx":
+        w(h, buf, 200, F_WRITE)
+    elif build == "short_header":
+        w(h, buf, 8, 0)
+    dq.make_available([h])
+    good = dq.send_frame(FRAME)  # a good chain after the bad one is still served
+    frames, heads, bad = pop(vq)
+    assert bad == 1 and frames == [FRAME] and heads == [h, good]
+    assert vq.stats.bad_chains == 1
+    vq.put_used([(x, 0) for x in heads])
+    assert [x for x, _ in dq.take_used()] == [h, good]  # the bad one goes back too
+    mem.close()
+
+
+def test_walk_reports_why():
+    ram = GuestRAM()
+    try:
+        dq, vq, mem = make(ram, size=4)
+        dq.write_desc(0, 0, 10, F_NEXT, 0)
+        with pytest.raises(BadChain, match="loop"):
+            vq.walk(0, writable=False)
+        mem.close()
+    finally:
+        ram.close()
+
+
+def test_corrupt_avail_index_marks_ring_broken(ram):
+    dq, vq, mem = make(ram, size=8)
+    dq.avail_idx = 100  # more than the ring holds
+    dq.make_available([])
+    assert vq.pending() == 0 and vq.broken
+    assert pop(vq)[0] == []
+    mem.close()
+
+
+def test_descriptor_is_fetched_once():
+    """The chain walk copies each descriptor; changing it afterwards changes nothing."""
+    ram = GuestRAM()
+    try:
+        dq, vq, mem = make(ram)
+        head = dq.send_frame(FRAME)
+        segs = vq.walk(head, writable=False)
+        dq.write_desc(head, 0x7FFF_FFFF_0000, 10, 0)  # guest rewrites after the check
+        assert bytes(segs[0][12:]) == FRAME  # what we hold was validated before
+        mem.close()
+    finally:
+        ram.close()
+
+
+# -- receiveq ----------------------------------------------------------------------------
+
+
+def test_receiveq_single_buffers(ram):
+    dq, vq, mem = make(ram)
+    dq.post_rx_buffers(4)
+    frames = [FRAME, FRAME[:60], b"\xff" * 1514]
+    res = vq.fill_frames(frames, mergeable=True)
+    assert (res.taken, res.sent, res.bytes) == (3, 3, len(FRAME) + 60 + 1514)
+    assert res.notify
+    got = dq.receive_frames()
+    assert got == [(f, 1) for f in frames]
+    mem.close()
+
+
+def test_receiveq_mergeable_spans_buffers_and_sets_num_buffers(ram):
+    dq, vq, mem = make(ram)
+    dq.post_rx_buffers(8, size=100)
+    big = bytes(range(256)) + bytes(44)  # 300 bytes + 12 header = 312 -> 4 buffers of 100
+    res = vq.fill_frames([big, FRAME[:50]], mergeable=True)
+    assert res.sent == 2
+    used = dq.take_used()
+    assert [n for _, n in used] == [100, 100, 100, 12, 62]
+    first = dq.read_chain(used[0][0], 100)
+    assert NET_HDR.unpack(first[:12])[6] == 4
+    data = b"".join(dq.read_chain(h, n) for h, n in used[:4])
+    assert data[12:] == big
+    mem.close()
+
+
+def test_receiveq_chain_of_pieces_header_split(ram):
+    dq, vq, mem = make(ram, size=64)
+    dq.post_rx_buffers(1, size=5, pieces=40)  # header itself split over three buffers
+    assert vq.fill_frames([FRAME], mergeable=False).sent == 1
+    assert dq.receive_frames() == [(FRAME, 1)]
+    mem.close()
+
+
+def test_receiveq_indirect(ram):
+    dq, vq, mem = make(ram)
+    a, b = ram.alloc(12), ram.alloc(2048)
+    dq.make_available([dq.add_indirect([(a, 12, True), (b, 2048, True)])])
+    res = vq.fill_frames([FRAME], mergeable=True)
+    assert res.sent == 1
+    (head, length), = dq.take_used()
+    assert length == 12 + len(FRAME) and ram.read(b, len(FRAME)) == FRAME
+    mem.close()
+
+
+def test_receiveq_no_buffers_keeps_order_and_does_not_consume(ram):
+    dq, vq, mem = make(ram)
+    dq.post_rx_buffers(2, size=100)
+    big = bytes(300)  # needs 4 buffers; only 2 there: not taken, buffers kept
+    res = vq.fill_frames([FRAME[:50], big, FRAME[:40]], mergeable=True)
+    assert (res.taken, res.sent) == (1, 1)
+    assert vq.pending() == 1  # the second buffer was not consumed
+    mem.close()
+
+
+def test_receiveq_without_mergeable_drops_too_big(ram):
+    dq, vq, mem = make(ram)
+    dq.post_rx_buffers(2, size=100)
+    res = vq.fill_frames([bytes(200), FRAME[:50]], mergeable=False)
+    assert (res.taken, res.sent, res.too_big) == (2, 1, 1)
+    used = dq.take_used()
+    assert used[0][1] == 0 and used[1][1] == 62  # the small buffer went back empty
+    mem.close()
+
+
+def test_receiveq_readonly_buffer_is_bad(ram):
+    dq, vq, mem = make(ram)
+    buf = ram.alloc(2048)
+    dq.make_available([dq.add_chain([(buf, 2048, False)])])
+    dq.post_rx_buffers(1)
+    res = vq.fill_frames([FRAME, FRAME], mergeable=True)
+    assert (res.taken, res.sent, res.bad) == (2, 1, 1)
+    mem.close()
+
+
+# -- notifications ----------------------------------------------------------------------
+
+
+def test_no_interrupt_flag_suppresses_call(ram):
+    dq, vq, mem = make(ram)
+    dq.set_avail_flags(1)
+    dq.post_rx_buffers(2)
+    assert vq.fill_frames([FRAME], mergeable=True).notify is False
+    dq.set_avail_flags(0)
+    assert vq.fill_frames([FRAME], mergeable=True).notify is True
+    mem.close()
+
+
+@pytest.mark.parametrize(
+    "used_event, old, count, expect",
+    [(0, 0, 1, True), (5, 0, 5, False), (4, 0, 5, True), (2, 3, 4, False), (0xFFFF, 0xFFFE, 2, True)],
+)
+def test_event_idx_decision(ram, used_event, old, count, expect):
+    dq, vq, mem = make(ram, event_idx=True)
+    vq.used_idx = old
+    dq.set_used_event(used_event)
+    # EVENT_IDX: notify iff (u16)(new - used_event - 1) < (u16)(new - old) (2.7.10)
+    assert vq.put_used([(0, 0)] * count) is expect
+    mem.close()
+
+
+def test_event_idx_asks_kick_at_next_avail(ram):
+    dq, vq, mem = make(ram, event_idx=True)
+    for _ in range(3):
+        dq.send_frame(FRAME)
+    pop(vq)
+    assert dq.avail_event() == 3
+    vq.ask_kicks(False)
+    assert dq.used_flags() == 1
+    mem.close()
+
+
+def test_ring_outside_memory_is_refused(ram):
+    mem = ram.mapped()
+    from pyswitch.ports.vhostuser.memory import BadAddress
+
+    with pytest.raises(BadAddress):
+        Virtqueue(mem, 256, 0x10, 0x9000_0000, 0x20000)
+    with pytest.raises(ValueError):
+        Virtqueue(mem, 100, 0, 0x2000, 0x4000)
+    mem.close()
