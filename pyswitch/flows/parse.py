@@ -39,7 +39,7 @@ MATCH_FIELDS: dict[str, tuple[int, str]] = {
     "nw_proto": (NW_PROTO, "u8"), "arp_op": (NW_PROTO, "u8"),
     "nw_tos": (NW_TOS, "tos"),
     "tp_src": (TP_SRC, "u16m"), "tp_dst": (TP_DST, "u16m"),
-    "icmp_type": (TP_SRC, "u8"), "icmp_code": (TP_DST, "u8"),
+    "icmp_type": (TP_SRC, "icmp"), "icmp_code": (TP_DST, "icmp"),
     "ipv6_src": (IPV6_SRC, "ipv6"), "ipv6_dst": (IPV6_DST, "ipv6"),
 }
 
