@@ -73,6 +73,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(line, flush=True)
         sw.run()
         log.info("stopping: removing ports")
+        for name in sw.port_names():
+            c = sw.port(name).counters
+            drops = ",".join(f"{k}={v}" for k, v in sorted(c.drops.items())) or "none"
+            log.info("port %s: rx_packets=%d rx_bytes=%d tx_packets=%d tx_bytes=%d drops: %s",
+                     name, c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes, drops)
     finally:
         sw.close()
         sw.loop.close()
