@@ -4,7 +4,7 @@ API
 - `find_kernel() -> KernelInfo`: the newest `/boot/vmlinuz-<ver>` that has `/lib/modules/<ver>`; raises
   `PeerMissingError` naming linux-image-amd64 when there is none.
 - `build_initramfs(cache_dir=None, kernel=None, extra_modules=()) -> Path`: a gzip'd cpio (newc) archive
-  holding static busybox, the virtio-net modules of that kernel (plus `extra_modules`, e.g. "8021q") in
+  holding static busybox, the virtio-net and 8021q modules of that kernel (plus `extra_modules`) in
   dependency order, and `/init`. Cached in `cache_dir` (default `$PYSWITCH_PEER_CACHE` or
   /tmp/pyswitch-peer-cache) under a name derived from the kernel version and the archive's inputs, so tests
   build it once; written atomically, so parallel test runs may share the cache.
@@ -46,8 +46,8 @@ from tests.peers.missing import PeerMissingError, require_path
 KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX = Path("/bin/busybox")
-# The modules a virtio-net-pci guest needs; their dependencies come from modules.dep.
-NET_MODULES = ("virtio_pci", "virtio_net")
+# The modules a virtio-net-pci guest needs (8021q for VLAN devices); dependencies come from modules.dep.
+NET_MODULES = ("virtio_pci", "virtio_net", "8021q")
 DEFAULT_CACHE = Path(os.environ.get("PYSWITCH_PEER_CACHE", "/tmp/pyswitch-peer-cache"))
 
 INIT_SCRIPT = r"""#!/bin/busybox sh

@@ -131,22 +131,23 @@ class Guest:
                 self._poll()
             self._stopped.wait(0.05)
 
-    def _find(self, marker: str) -> str | None:
+    def _find(self, marker: str, after: float = 0.0) -> str | None:
         with self._lock:
             self._poll()
-            return next((line for line, _ in self._lines if marker in line), None)
+            return next((line for line, when in self._lines
+                         if marker in line and self.started + when >= after), None)
 
-    def wait_for(self, marker: str, timeout: float = 60.0) -> str:
+    def wait_for(self, marker: str, timeout: float = 60.0, after: float = 0.0) -> str:
         """Wait until a console line contains `marker`; return that line.  `GuestError` if QEMU exits first
-        or `timeout` seconds pass."""
+        or `timeout` seconds pass.  `after` (a time.monotonic() value) ignores lines seen before it."""
         deadline = time.monotonic() + timeout
         while True:
-            line = self._find(marker)
+            line = self._find(marker, after)
             if line is not None:
                 return line
             exited = self._proc is None or self._proc.poll() is not None
             if exited or time.monotonic() > deadline:
-                line = self._find(marker)  # QEMU may have printed it just before exiting
+                line = self._find(marker, after)  # QEMU may have printed it just before exiting
                 if line is not None:
                     return line
                 why = "QEMU exited" if exited else f"not seen within {timeout:.0f}s"
