@@ -161,9 +161,9 @@ class Device:
         return bool(self.features & VIRTIO_RING_F_EVENT_IDX)
 
     def has_protocol(self, feature: int) -> bool:
-        return bool(self.features & VHOST_USER_F_PROTOCOL_FEATURES) and bool(
-            self.protocol_features & feature
-        )
+        """Protocol features count from SET_PROTOCOL_FEATURES on (QEMU sends it before
+        SET_FEATURES and already expects REPLY_ACK for SET_FEATURES)."""
+        return bool(self.protocol_features & feature)
 
     # -- dispatch ---------------------------------------------------------------------
     def handle(self, msg: p.Message) -> bytes | None:
@@ -182,7 +182,7 @@ class Device:
             if isinstance(exc, FatalDeviceError) or msg.request in ALWAYS_REPLY:
                 raise FatalDeviceError(f"{msg.name()}: {exc}") from exc
             log.warning("vhost-user %s failed: %s", msg.name(), exc)
-            if msg.need_reply:
+            if ack:
                 return p.encode_u64_reply(msg.request, 1)
             return None
         finally:

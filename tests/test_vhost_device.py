@@ -1,0 +1,217 @@
+"""The device state machine, driven with messages directly (no socket, no loop)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from pyswitch.ports.vhostuser import protocol as p
+from pyswitch.ports.vhostuser.device import (
+    OFFERED_FEATURES,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    Device,
+    FatalDeviceError,
+)
+from tests.vhost_frontend import DriverQueue, GuestRAM
+
+R = p.Request
+
+
+def msg(req, payload=b"", fds=(), need_reply=False):
+    flags = p.VERSION | (p.FLAG_NEED_REPLY if need_reply else 0)
+    return p.Message(req, flags, payload, list(fds))
+
+
+def u64(req, value, **kw):
+    return msg(req, p.U64.pack(value), **kw)
+
+
+def status(reply):
+    req, flags, size = p.HEADER.unpack(reply[:12])
+    assert flags == p.VERSION | p.FLAG_REPLY and size == 8
+    return p.U64.unpack(reply[12:])[0]
+
+
+def mem_table(ram):
+    table = ram.table()
+    payload = p.MEM_TABLE_HEADER.pack(len(table), 0) + b"".join(
+        p.MEM_REGION.pack(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        for r in table)
+    return msg(R.SET_MEM_TABLE, payload, [os.dup(fd) for fd in ram.fds()], need_reply=True)
+
+
+@pytest.fixture
+def ram():
+    r = GuestRAM()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def dev():
+    d = Device()
+    yield d
+    d.reset()
+
+
+def negotiate(dev, features=OFFERED_FEATURES, protocol=int(p.ProtocolFeature.REPLY_ACK)):
+    dev.handle(msg(R.SET_OWNER))
+    if features & VHOST_USER_F_PROTOCOL_FEATURES:
+        dev.handle(u64(R.SET_PROTOCOL_FEATURES, protocol))
+    dev.handle(u64(R.SET_FEATURES, features))
+
+
+def setup_ring(dev, ram, index, size=16, kick=True):
+    q = DriverQueue(ram, size)
+    a = q.addr(index)
+    for m in (
+        msg(R.SET_VRING_NUM, p.VRING_STATE.pack(index, size)),
+        msg(R.SET_VRING_ADDR, p.VRING_ADDR.pack(index, 0, a.desc, a.used, a.avail, 0)),
+        msg(R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0)),
+        u64(R.SET_VRING_CALL, index, fds=[os.eventfd(0)]),
+    ):
+        assert dev.handle(m) is None
+    kfd = os.eventfd(0, os.EFD_NONBLOCK) if kick else None
+    if kick:
+        dev.handle(u64(R.SET_VRING_KICK, index, fds=[os.dup(kfd)]))
+    else:
+        dev.handle(u64(R.SET_VRING_KICK, index | p.VRING_NOFD_MASK))
+    return q, kfd
+
+
+def test_offer_is_fixed_and_honest(dev):
+    for _ in range(2):  # the same every time (front ends compare across reconnects)
+        assert p.U64.unpack(dev.handle(msg(R.GET_FEATURES))[12:])[0] == OFFERED_FEATURES
+    assert OFFERED_FEATURES == (1 << 32) | (1 << 15) | (1 << 28) | (1 << 29) | (1 << 30)
+    pf = p.U64.unpack(dev.handle(msg(R.GET_PROTOCOL_FEATURES))[12:])[0]
+    assert pf == p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
+    assert p.U64.unpack(dev.handle(msg(R.GET_QUEUE_NUM))[12:])[0] == 8
+
+
+def test_reply_ack_success_and_failure(dev):
+    negotiate(dev)
+    assert status(dev.handle(u64(R.SET_FEATURES, OFFERED_FEATURES, need_reply=True))) == 0
+    assert status(dev.handle(u64(R.SET_FEATURES, 1 << 34, need_reply=True))) == 1  # not offered
+    assert dev.handle(u64(R.SET_FEATURES, OFFERED_FEATURES)) is None  # no reply asked
+
+
+@pytest.mark.parametrize("req", [R.SET_LOG_BASE, R.SEND_RARP, 99, 1000])
+def test_unknown_or_unsupported_request_fails_cleanly(dev, req, caplog):
+    negotiate(dev)
+    r, w = os.pipe()
+    before = len(os.listdir("/proc/self/fd"))
+    with caplog.at_level(logging.WARNING):
+        assert status(dev.handle(u64(req, 0, fds=[r], need_reply=True))) == 1
+    assert "unsupported request" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) == before - 1  # its fd was closed
+    assert dev.handle(u64(req, 0)) is None  # logged, nothing to answer
+    os.close(w)
+
+
+def test_failed_get_drops_the_connection(dev):
+    with pytest.raises(FatalDeviceError):
+        dev.handle(msg(R.GET_VRING_BASE, p.VRING_STATE.pack(99, 0)))
+    with pytest.raises(FatalDeviceError):
+        dev.handle(msg(R.GET_VRING_BASE, b"short"))
+
+
+def test_memory_without_fds_is_a_clear_error(dev, ram, caplog):
+    negotiate(dev)
+    m = mem_table(ram)
+    m.close_fds()
+    with caplog.at_level(logging.WARNING):
+        assert status(dev.handle(m)) == 1
+    assert "share=on" in caplog.text and dev.memory is None
+
+
+def test_ring_starts_on_first_kick_and_stops_on_get_vring_base(dev, ram):
+    negotiate(dev)
+    assert status(dev.handle(mem_table(ram))) == 0
+    q, kfd = setup_ring(dev, ram, 1)
+    ring = dev.rings[1]
+    assert not ring.started and not ring.enabled  # stopped and disabled
+    dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1)))
+    assert ring.enabled and not ring.started
+    dev.kick(1)
+    assert ring.started and ring.queue is not None
+    q.send_frame(b"x" * 60)
+    q.send_frame(b"y" * 60)
+    frames, heads = [], []
+    ring.queue.pop_frames(32, frames, heads)
+    reply = dev.handle(msg(R.GET_VRING_BASE, p.VRING_STATE.pack(1, 0)))
+    assert p.VRING_STATE.unpack(reply[12:]) == (1, 2)  # next avail index to process
+    assert not ring.started and ring.kick_fd is None
+    os.close(kfd)
+
+
+def test_nofd_kick_means_polling_and_starts_at_once(dev, ram):
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    setup_ring(dev, ram, 1, kick=False)
+    assert dev.rings[1].started and dev.rings[1].polled
+
+
+def test_buffers_waiting_at_set_vring_kick_count_as_a_kick(dev, ram):
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    q = DriverQueue(ram, 16)
+    q.send_frame(b"z" * 60)  # the guest kicked before we were there
+    a = q.addr(1)
+    dev.handle(msg(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 16)))
+    dev.handle(msg(R.SET_VRING_ADDR, p.VRING_ADDR.pack(1, 0, a.desc, a.used, a.avail, 0)))
+    kfd = os.eventfd(0)
+    dev.handle(u64(R.SET_VRING_KICK, 1, fds=[kfd]))
+    assert dev.rings[1].started
+
+
+def test_enable_without_protocol_features(dev, ram):
+    features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF
+    negotiate(dev, features)
+    assert all(r.enabled for r in dev.rings)  # SET_FEATURES enabled every ring
+    # refused (bit 30 not negotiated); no REPLY_ACK either, so nothing to answer
+    assert dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(0, 0), need_reply=True)) is None
+    assert dev.rings[0].enabled
+    assert dev.hdr_len == 12 and dev.mergeable
+
+
+def test_started_ring_refuses_resize(dev, ram):
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    setup_ring(dev, ram, 0, kick=False)
+    assert status(dev.handle(msg(R.SET_VRING_NUM, p.VRING_STATE.pack(0, 32), need_reply=True))) == 1
+    assert status(dev.handle(msg(R.SET_VRING_NUM, p.VRING_STATE.pack(2, 100), need_reply=True))) == 1
+
+
+def test_new_memory_table_remaps_started_rings(dev, ram):
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    q, _ = setup_ring(dev, ram, 1, kick=False)
+    old = dev.memory
+    q.send_frame(b"a" * 60)
+    frames, heads = [], []
+    dev.rings[1].queue.pop_frames(32, frames, heads)
+    del frames
+    assert status(dev.handle(mem_table(ram))) == 0  # same RAM, new mapping (hotplug path)
+    assert dev.memory is not old and old.regions == []  # old one unmapped
+    q.send_frame(b"b" * 60)
+    frames2, heads2 = [], []
+    dev.rings[1].queue.pop_frames(32, frames2, heads2)  # continues at avail index 1
+    assert [bytes(f) for f in frames2] == [b"b" * 60]
+
+
+def test_reset_closes_every_fd(ram):
+    before = len(os.listdir("/proc/self/fd"))
+    dev = Device()
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    _, k0 = setup_ring(dev, ram, 0)
+    _, k1 = setup_ring(dev, ram, 1)
+    os.close(k0)
+    os.close(k1)
+    dev.reset()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert dev.features == 0 and dev.memory is None

@@ -1,0 +1,358 @@
+"""vhost-user ports over real unix sockets, against the Python front end of tests/vhost_frontend.py.
+
+The port runs in a MiniLoop thread (select-based PortIO); the test thread plays the guest.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import stat
+
+import pytest
+
+from pyswitch.port import PortError, port_type
+from pyswitch.ports.vhostuser import protocol as p
+from pyswitch.ports.vhostuser.device import (
+    OFFERED_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_EVENT_IDX,
+)
+from pyswitch.ports.vhostuser.port import VhostUserClientPort, VhostUserServerPort
+from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM, MiniLoop, wait_for
+
+R = p.Request
+
+
+def frame(dst: int, n: int = 60, src: int = 1) -> bytes:
+    return bytes([2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src]) + b"\x08\x00" + bytes([n % 256]) * (n - 14)
+
+
+class Harness:
+    """A port in a MiniLoop thread; received frames are copied into ``sink``."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sink: list[bytes] = []
+        self.loop = MiniLoop(on_ready=self._drain)
+        port.open()
+        port.attach(self.loop)
+        self.loop.start()
+
+    def _drain(self) -> None:
+        frames = self.port.receive(32)
+        self.sink.extend(bytes(f) for f in frames)
+        if frames:
+            self.port.release()
+
+    def call(self, fn):
+        return self.loop.run_sync(fn)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_sync(self.port.close)
+        finally:
+            self.loop.stop()
+        assert not self.loop.errors, self.loop.errors
+
+
+@pytest.fixture
+def ram():
+    r = GuestRAM([(0, 8 << 20)])
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    h = Harness(VhostUserServerPort("pst" + secrets.token_hex(3), {"vhost-sock-dir": str(tmp_path)}))
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def fe(server):
+    f = Frontend.connect(server.port.socket_path())
+    yield f
+    f.close()
+
+
+def bring_up(fe, ram, pairs=1, features=OFFERED_FEATURES, size=256):
+    """Negotiate, share memory, set up ``pairs`` queue pairs; return [(rxq, txq), ...]."""
+    fe.negotiate(features)
+    fe.set_mem_table(ram)
+    queues = []
+    for i in range(pairs):
+        rxq, txq = DriverQueue(ram, size), DriverQueue(ram, size)
+        fe.setup_ring(2 * i, rxq)
+        fe.setup_ring(2 * i + 1, txq)
+        queues.append((rxq, txq))
+    return queues
+
+
+def test_registered_under_ovs_names():
+    assert port_type("dpdkvhostuser") is VhostUserServerPort
+    assert port_type("dpdkvhostuserclient") is VhostUserClientPort
+
+
+def test_guest_to_switch(server, fe, ram):
+    ((rxq, txq),) = bring_up(fe, ram)
+    frames = [frame(i, 60 + i) for i in range(40)]
+    for i, f in enumerate(frames):
+        txq.send_frame(f, ["together", "apart", "indirect"][i % 3])
+    fe.kick(1)
+    assert wait_for(lambda: len(server.sink) == 40), server.sink
+    assert server.sink == frames
+    assert wait_for(lambda: txq.used_idx() == 40)  # buffers returned to the guest
+    assert fe.calls_seen(1) >= 1
+    c = server.port.counters
+    assert (c.rx_packets, c.rx_bytes) == (40, sum(map(len, frames)))
+
+
+def test_switch_to_guest_one_call_per_batch(server, fe, ram):
+    ((rxq, txq),) = bring_up(fe, ram)
+    rxq.post_rx_buffers(64)
+    fe.kick(0)  # the receiveq starts on its first kick
+    assert wait_for(lambda: server.call(lambda: server.port.link_state()) == "down")
+    fe.kick(1)
+    assert wait_for(lambda: server.call(server.port.link_state) == "up")
+    frames = [frame(7, 60 + i) for i in range(32)]
+    assert server.call(lambda: server.port.transmit(frames)) == 32
+    assert fe.calls_seen(0) == 1  # one eventfd write for the whole batch
+    assert rxq.receive_frames() == [(f, 1) for f in frames]
+    assert server.port.counters.tx_packets == 32
+
+
+def test_no_buffer_drops_are_counted(server, fe, ram):
+    ((rxq, _),) = bring_up(fe, ram)
+    rxq.post_rx_buffers(4)
+    fe.kick(0)
+    assert wait_for(lambda: server.port.device.rings[0].started)
+    assert server.call(lambda: server.port.transmit([frame(1)] * 10)) == 4
+    c = server.port.counters
+    assert c.drops["no_buffer"] == 6 and c.tx_dropped == 6 and c.tx_packets == 4
+
+
+def test_transmit_without_front_end_is_link_down(server):
+    assert server.call(lambda: server.port.transmit([frame(1)] * 3)) == 0
+    assert server.port.counters.drops["link_down"] == 3
+
+
+def test_polling_front_end_without_kick_fds(server, fe, ram):
+    fe.negotiate()
+    fe.set_mem_table(ram)
+    txq = DriverQueue(ram, 64)
+    fe.setup_ring(1, txq, kick=False)  # no-fd flag: the back end must poll
+    txq.send_frame(frame(3))
+    assert wait_for(lambda: server.sink == [frame(3)])
+    txq.send_frame(frame(4))
+    assert wait_for(lambda: server.sink == [frame(3), frame(4)])
+
+
+def test_disconnect_tears_down_and_next_front_end_is_served(server, ram):
+    fe1 = Frontend.connect(server.port.socket_path())
+    ((_, txq),) = bring_up(fe1, ram)
+    txq.send_frame(frame(1))
+    fe1.kick(1)
+    assert wait_for(lambda: len(server.sink) == 1)
+    fe1.close()
+    assert wait_for(lambda: server.port.conn is None)
+    assert server.call(server.port.link_state) == "down"
+    assert server.port.device.memory is None
+    ram2 = GuestRAM([(0, 4 << 20)])
+    fe2 = Frontend.connect(server.port.socket_path())
+    try:
+        ((_, txq2),) = bring_up(fe2, ram2)
+        txq2.send_frame(frame(2))
+        fe2.kick(1)
+        assert wait_for(lambda: len(server.sink) == 2)
+        assert server.port.counters.rx_packets == 2  # counters survive the reconnect
+        assert server.port.vhost_stats["reconnects"] == 1
+    finally:
+        fe2.close()
+        ram2.close()
+
+
+def test_second_front_end_is_refused(server, fe, ram):
+    bring_up(fe, ram)
+    other = Frontend.connect(server.port.socket_path())
+    try:
+        other.sock.settimeout(2)
+        assert other.sock.recv(1) == b""  # closed by the back end
+    finally:
+        other.close()
+    assert p.U64.unpack(fe.request(R.GET_FEATURES).payload)[0] == OFFERED_FEATURES
+
+
+def test_garbage_drops_connection_not_port(server, ram):
+    bad = Frontend.connect(server.port.socket_path())
+    bad.sock.sendall(b"\xff" * 12)  # version bits wrong
+    bad.sock.settimeout(2)
+    assert bad.sock.recv(1) == b""
+    bad.close()
+    good = Frontend.connect(server.port.socket_path())
+    try:
+        bring_up(good, ram)
+    finally:
+        good.close()
+
+
+def test_out_of_order_setup(server, fe, ram):
+    """Kick fd and addresses before the memory table: nothing starts until it is complete."""
+    fe.negotiate()
+    txq = DriverQueue(ram, 64)
+    fe.request(R.SET_VRING_CALL, p.U64.pack(1), [os.eventfd(0)])
+    k = os.eventfd(0, os.EFD_NONBLOCK)
+    fe.kicks[1] = k
+    fe.request(R.SET_VRING_KICK, p.U64.pack(1), [k])
+    a = txq.addr(1)
+    fe.request(R.SET_VRING_ADDR, p.VRING_ADDR.pack(1, 0, a.desc, a.used, a.avail, 0))
+    fe.kick(1)  # a kick with no memory yet: logged, ring stays stopped
+    fe.request(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 64))
+    assert not server.port.device.rings[1].started
+    fe.set_mem_table(ram)
+    fe.request(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    txq.send_frame(frame(9))
+    fe.kick(1)
+    assert wait_for(lambda: server.sink == [frame(9)])
+
+
+def test_disabled_transmitq_is_drained_not_forwarded(server, fe, ram):
+    ((_, txq),) = bring_up(fe, ram)
+    fe.request(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 0))
+    for i in range(5):
+        txq.send_frame(frame(i))
+    fe.kick(1)
+    assert wait_for(lambda: txq.used_idx() == 5)
+    assert server.sink == [] and server.port.vhost_stats["tx_disabled_discards"] == 5
+
+
+def test_bad_descriptor_in_guest_ring_is_counted(server, fe, ram):
+    ((_, txq),) = bring_up(fe, ram)
+    h = txq.free.pop(0)
+    txq.write_desc(h, 0xDEAD_0000_0000, 100, 0)
+    txq.make_available([h])
+    txq.send_frame(frame(5))
+    fe.kick(1)
+    assert wait_for(lambda: server.sink == [frame(5)])
+    assert server.port.counters.drops["bad_descriptor"] == 1
+    assert wait_for(lambda: txq.used_idx() == 2)
+
+
+def test_event_idx_suppresses_calls(server, fe, ram):
+    features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_RING_F_EVENT_IDX
+    ((rxq, _),) = bring_up(fe, ram, features=features)
+    rxq.post_rx_buffers(16)
+    fe.kick(0)
+    assert wait_for(lambda: server.port.device.rings[0].started)
+    rxq.set_used_event(10)  # "call me once used passes 10"
+    for _ in range(4):
+        server.call(lambda: server.port.transmit([frame(1)] * 2))  # used 2, 4, 6, 8: no call
+    assert fe.calls_seen(0) == 0
+    server.call(lambda: server.port.transmit([frame(1)] * 3))  # used 11: crosses 10
+    assert fe.calls_seen(0) == 1
+    s = server.port.vhost_stats
+    assert s["notifications_suppressed"] >= 4 and s["notifications_sent"] >= 1
+    assert len(rxq.receive_frames()) == 11
+
+
+def test_multiqueue_spreads_and_collects(server, fe, ram):
+    queues = bring_up(fe, ram, pairs=2, size=64)
+    for i, (rxq, txq) in enumerate(queues):
+        rxq.post_rx_buffers(48)
+        fe.kick(2 * i)
+        txq.send_frame(frame(i, 80))
+        fe.kick(2 * i + 1)
+    assert wait_for(lambda: sorted(server.sink) == sorted([frame(0, 80), frame(1, 80)]))
+    assert server.call(server.port.status)["queue_pairs"] == 2
+    frames = [frame(d) for d in range(40)]
+    assert server.call(lambda: server.port.transmit(frames)) == 40
+    got = [queues[0][0].receive_frames(), queues[1][0].receive_frames()]
+    assert all(got), "both receiveqs carry traffic"
+    assert sorted(f for q in got for f, _ in q) == sorted(frames)
+    # queue pair 1 disabled: everything goes to pair 0
+    fe.request(R.SET_VRING_ENABLE, p.VRING_STATE.pack(2, 0))
+    server.call(lambda: server.port.transmit(frames[:8]))
+    assert len(queues[0][0].receive_frames()) == 8 and queues[1][0].receive_frames() == []
+
+
+def test_status_and_socket_options(tmp_path):
+    name = "pst" + secrets.token_hex(3)
+    opts = {"vhost-sock-dir": str(tmp_path / "sub"), "vhost-sock-mode": "0660",
+            "vhost-sock-owner": "0", "vhost-sock-group": "root"}
+    h = Harness(VhostUserServerPort(name, opts))
+    try:
+        path = tmp_path / "sub" / name
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert (st.st_uid, st.st_gid) == (0, 0)
+        s = h.call(h.port.status)
+        assert s["socket"] == str(path) and s["connected"] is False and s["role"] == "server"
+    finally:
+        h.close()
+    assert not path.exists()  # close removes the socket
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "x..y", ""])
+def test_bad_port_names_refused(name, tmp_path):
+    with pytest.raises(PortError):
+        VhostUserServerPort.validate_options(name, {"vhost-sock-dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("opts", [{"vhost-sock-mode": "999"}, {"vhost-sock-owner": "pst-nobody-x"},
+                                  {"bogus": "1"}])
+def test_bad_options_refused(opts):
+    with pytest.raises(PortError):
+        VhostUserServerPort.validate_options("p0", opts)
+
+
+def test_stale_socket_replaced_live_one_refused(tmp_path):
+    path = tmp_path / "p0"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # stale file, nobody listens
+    port = VhostUserServerPort("p0", {"vhost-sock-dir": str(tmp_path)})
+    port.open()
+    try:
+        other = VhostUserServerPort("p0", {"vhost-sock-dir": str(tmp_path)})
+        with pytest.raises(PortError, match="in use"):
+            other.open()
+    finally:
+        port.close()
+
+
+def test_client_retries_until_server_appears_and_reconnects(tmp_path, ram):
+    path = str(tmp_path / "fe.sock")
+    h = Harness(VhostUserClientPort("pst" + secrets.token_hex(3), {"vhost-server-path": path}))
+    try:
+        assert wait_for(lambda: h.port._backoff >= 0.8, timeout=5)  # 0.1 0.2 0.4 ... doubling
+        lsock = socket.socket(socket.AF_UNIX)
+        lsock.bind(path)
+        lsock.listen(1)
+        lsock.settimeout(5)
+        conn, _ = lsock.accept()
+        fe = Frontend(conn)
+        ((_, txq),) = bring_up(fe, ram)
+        txq.send_frame(frame(1))
+        fe.kick(1)
+        assert wait_for(lambda: h.sink == [frame(1)])
+        assert h.call(h.port.link_state) == "down"  # RX ring not started yet
+        fe.close()  # the front end goes away: the port reconnects
+        conn2, _ = lsock.accept()
+        fe2 = Frontend(conn2)
+        ((_, txq2),) = bring_up(fe2, ram)
+        txq2.send_frame(frame(2))
+        fe2.kick(1)
+        assert wait_for(lambda: h.sink == [frame(1), frame(2)])
+        assert h.port.vhost_stats["reconnects"] == 1
+        fe2.close()
+        lsock.close()
+    finally:
+        h.close()
+
+
+def test_client_requires_server_path():
+    with pytest.raises(PortError, match="vhost-server-path"):
+        VhostUserClientPort.validate_options("c0", {})
