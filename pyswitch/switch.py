@@ -73,6 +73,8 @@ class Switch:
         self._by_port: dict[Port, _Attached] = {}
         self._outputs: dict[str, dict[int, Port]] = {}  # bridge -> port number -> port
         self._aging = self.loop.call_every(AGING_SWEEP_INTERVAL, self._age)
+        #: batch_sizes[n] = how many received batches held n frames (n <= MAX_BURST)
+        self.batch_sizes = [0] * (MAX_BURST + 1)
 
     # -- building ------------------------------------------------------------------------
     def build(self, cfg: SwitchConfig) -> None:
@@ -155,6 +157,9 @@ class Switch:
     def port_bridge(self, name: str) -> str:
         return self._ports[name].bridge.name
 
+    def port_config(self, name: str) -> PortConfig:
+        return self._ports[name].config
+
     # -- data path -----------------------------------------------------------------------
     def _service(self, port: object) -> bool:
         """Move one batch from ``port``; True if it may have more (a full batch)."""
@@ -165,6 +170,7 @@ class Switch:
         frames = src.receive(MAX_BURST)
         if not frames:
             return False
+        self.batch_sizes[min(len(frames), MAX_BURST)] += 1
         try:
             out = att.bridge.process(att.no, frames, self.loop.now())
             outputs = self._outputs[att.bridge.name]
