@@ -1,7 +1,7 @@
 """Kernel plumbing shared by the ``veth`` and ``tap`` port types.
 
 Thin wrappers over pyroute2 0.9 (rtnetlink: namespaces, links, addresses, routes)
-and over the ``SIOCETHTOOL`` ioctl (offload settings), plus the parsers that turn
+(offload settings are in ``ethtool.py``), plus the parsers that turn
 configuration strings (CIDR lists, MACs, MTUs, interface names) into values.
 
 Every failure surfaces as :class:`~pyswitch.port.PortError` with a message that says
@@ -16,14 +16,12 @@ event loop (call them from plain code, or from a worker thread).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import ipaddress
 import os
 import re
 import socket
-import struct
+import time
 from typing import Iterator
 
 from pyroute2 import IPRoute
@@ -248,6 +246,22 @@ def add_default_route(ipr: IPRoute, gateway: ipaddress.IPv4Address | ipaddress.I
         ipr.route("add", dst=dst, gateway=str(gateway), family=family)
 
 
+def wait_oper_up(ipr: IPRoute, name: str, timeout: float = 5.0) -> None:
+    """Wait until ``name`` is operationally up.  The kernel attaches a device's real
+    qdisc only then (linkwatch, up to about a second after "set up"); until then every
+    frame sent out of it is silently dropped.  ``PortError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        with errors(f"reading the state of {name!r}"):
+            (msg,) = ipr.link("get", ifname=name)
+        state = msg.get_attr("IFLA_OPERSTATE")
+        if state in ("UP", "UNKNOWN"):
+            return
+        time.sleep(0.01)
+    raise PortError(f"interface {name!r} did not come up within {timeout:g}s (state {state})")
+
+
 def delete_link(ipr: IPRoute, name: str) -> bool:
     """Delete link ``name``; False if it was already gone."""
     index = ifindex(ipr, name)
@@ -260,74 +274,6 @@ def delete_link(ipr: IPRoute, name: str) -> bool:
             return False
         raise PortError(f"deleting {name!r}: {os.strerror(exc.code)}") from exc
     return True
-
-
-# -- offloads (SIOCETHTOOL, linux/ethtool.h legacy value commands) -------------------------
-
-SIOCETHTOOL = 0x8946
-_ETHTOOL_VALUE = struct.Struct("=II")  # struct ethtool_value { __u32 cmd; __u32 data; }
-_IFREQ = struct.Struct("16sP16x")  # struct ifreq: name, then ifr_data pointer (40 bytes)
-#: feature -> (ETHTOOL_G*, ETHTOOL_S*) command numbers from linux/ethtool.h.
-OFFLOAD_COMMANDS: dict[str, tuple[int, int]] = {
-    "tx-checksumming": (0x16, 0x17),  # ETHTOOL_GTXCSUM / ETHTOOL_STXCSUM
-    "scatter-gather": (0x18, 0x19),  # ETHTOOL_GSG / ETHTOOL_SSG
-    "tcp-segmentation-offload": (0x1E, 0x1F),  # ETHTOOL_GTSO / ETHTOOL_STSO
-    "generic-segmentation-offload": (0x23, 0x24),  # ETHTOOL_GGSO / ETHTOOL_SGSO
-    "generic-receive-offload": (0x2B, 0x2C),  # ETHTOOL_GGRO / ETHTOOL_SGRO
-}
-#: What a user-space switch needs off on an interface whose frames it reads with
-#: AF_PACKET: no super-frames (TSO/GSO/GRO) and no half-done checksums.
-SWITCH_OFFLOADS_OFF = (
-    "tx-checksumming",
-    "tcp-segmentation-offload",
-    "generic-segmentation-offload",
-    "generic-receive-offload",
-    "scatter-gather",
-)
-
-
-def _ethtool(sock: socket.socket, ifname: str, cmd: int, data: int = 0) -> int:
-    buf = ctypes.create_string_buffer(_ETHTOOL_VALUE.pack(cmd, data), _ETHTOOL_VALUE.size)
-    ifr = bytearray(_IFREQ.pack(ifname.encode(), ctypes.addressof(buf)))
-    fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
-    return int(_ETHTOOL_VALUE.unpack(buf.raw)[1])
-
-
-@contextlib.contextmanager
-def _ioctl_socket(netns: str | None) -> Iterator[socket.socket]:
-    if netns is None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    else:  # a socket created inside the namespace resolves its interface names
-        with errors(f"opening a socket in namespace {netns!r}"):
-            sock = pr_netns.create_socket(netns, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
-def get_offloads(ifname: str, netns: str | None = None) -> dict[str, bool]:
-    """Read the offload features of ``OFFLOAD_COMMANDS`` on ``ifname``."""
-    with _ioctl_socket(netns) as sock, errors(f"reading offloads of {ifname!r}"):
-        return {f: bool(_ethtool(sock, ifname, g)) for f, (g, _) in OFFLOAD_COMMANDS.items()}
-
-
-def set_offloads(
-    ifname: str, enabled: bool, features: tuple[str, ...] = SWITCH_OFFLOADS_OFF,
-    netns: str | None = None,
-) -> None:
-    """Switch ``features`` on or off on ``ifname``.  A feature the driver cannot change
-    (EOPNOTSUPP) is skipped; dependent features follow (no csum -> no TSO/SG)."""
-    with _ioctl_socket(netns) as sock:
-        for feature in features:
-            _, set_cmd = OFFLOAD_COMMANDS[feature]
-            try:
-                _ethtool(sock, ifname, set_cmd, int(enabled))
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    continue
-                raise PortError(f"setting {feature} {'on' if enabled else 'off'} on "
-                                f"{ifname!r}: {exc.strerror}") from exc
 
 
 def link_is_up(ifname: str) -> bool:

@@ -10,7 +10,8 @@ Offloads: a veth end does TSO/GSO and checksum offload by default, so the frames
 the switch would read are up to 64 KB "super-frames" whose TCP/UDP checksums are
 not filled in.  Forwarded as they are, they are dropped (too big for the egress
 MTU) or arrive with bad checksums, and TCP through the switch stalls.  ``open()``
-therefore turns off checksum offload, TSO, GSO, GRO and scatter-gather on both ends
+therefore turns off checksum offload, every segmentation offload, GRO and
+scatter-gather on both ends (``ethtool.py``)
 *before* the peer moves into its namespace (features move with the device).  An
 ``existing`` interface is left as it is: turn them off yourself on its peer.
 
@@ -26,6 +27,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
+from pyswitch.ports import ethtool
 from pyswitch.ports import netlink as nl
 from pyswitch.ports.afpacket import PacketRing
 
@@ -145,15 +147,25 @@ class VethPort(Port):
             nl.create_veth(ipr, self.name, tmp)
             self._made_link = True
             for end in (self.name, tmp):
-                nl.set_offloads(end, enabled=False)
+                self._disable_offloads(end)
             nl.set_link(ipr, tmp, mac=cfg.peer_mac, mtu=cfg.mtu, netns=cfg.netns)
             nl.set_link(ipr, self.name, mtu=cfg.mtu)
             if not cfg.netns:
                 self._configure_peer(ipr, tmp)
             nl.set_link(ipr, self.name, up=True)
-        if cfg.netns:
-            with nl.rtnl(cfg.netns) as nsipr:
-                self._configure_peer(nsipr, tmp)
+            if cfg.netns:
+                with nl.rtnl(cfg.netns) as nsipr:
+                    self._configure_peer(nsipr, tmp)
+                    nl.wait_oper_up(nsipr, cfg.peer)
+            else:
+                nl.wait_oper_up(ipr, cfg.peer)
+            nl.wait_oper_up(ipr, self.name)
+
+    def _disable_offloads(self, ifname: str) -> None:
+        left = ethtool.disable_offloads(ifname)
+        if left:
+            log.warning("port %s: %s keeps offloads the driver will not turn off: %s",
+                        self.name, ifname, ", ".join(left))
 
     def _check_names_free(self) -> None:
         cfg = self.config
