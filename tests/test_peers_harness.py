@@ -1,12 +1,12 @@
-"""The real-peer harness (tests/peers) against a vhost-user back end that already works: DPDK's net_vhost.
+"""The real-peer harness (tests/peers) against a vhost-user back end known to work: net_vhost.
 
-Two QEMU guests sit on two net_vhost ports of one dpdk-testpmd in `io` mode (port 0 <-> port 1: a wire
-between the VMs) and ping each other, once with QEMU connecting (testpmd listens, the `dpdkvhostuser` role)
-and once with QEMU listening (testpmd connects with client=1, the `dpdkvhostuserclient` role). When these
-pass, a failure of the same tests against pyswitch is pyswitch's. Boot-to-first-reply times are printed
-(run with -s) and recorded as test properties.
+Two QEMU guests sit on two net_vhost ports of one dpdk-testpmd in `io` mode (port 0 <-> port 1: a
+wire between the VMs) and ping each other, once with QEMU connecting (testpmd listens, the
+`dpdkvhostuser` role) and once with QEMU listening (testpmd connects with client=1, the
+`dpdkvhostuserclient` role). When these pass, a failure of the same tests against pyswitch is
+pyswitch's. Boot-to-first-reply times are printed (run with -s) and recorded as test properties.
 
-CPU: testpmd's forwarding lcore spins on CPU 1 once started; both TCG guests (-smp 1 each) share the rest.
+CPU: testpmd's forwarding lcore spins on CPU 1 once started; the TCG guests (-smp 1) share the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MACS = ("02:50:53:00:00:01", "02:50:53:00:00:02")
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    """A short private directory (vhost-user socket paths must stay under 108 bytes); always removed."""
+    """A short private directory (socket paths must stay under 108 bytes); always removed."""
     path = Path(tempfile.mkdtemp(prefix="pst"))
     try:
         yield path
@@ -42,19 +42,39 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _ping_pair(workdir: Path, socks: tuple[Path, Path], role: str) -> tuple[Guest, Guest, ExitStack]:
-    """Start two guests (10.250.0.1 and .2; their traffic never leaves testpmd) that ping each other.
-    The caller owns the returned ExitStack, which stops them; if the second fails to start, the first
-    is stopped here."""
+def _ping_pair(
+    workdir: Path, socks: tuple[Path, Path], role: str
+) -> tuple[Guest, Guest, ExitStack]:
+    """Start two guests (10.250.0.1 and .2; their traffic never leaves testpmd) that ping each
+    other. The caller owns the returned ExitStack, which stops them; if the second fails to start,
+    the first is stopped here."""
     with ExitStack() as stack:
-        guests = [stack.enter_context(start_guest(
-            f"pst-g{i}", sock, MACS[i], f"10.250.0.{i + 1}/24", f"10.250.0.{2 - i}", workdir=workdir,
-            role=role, count=5, seconds=60, linger=8, timeout=GUEST_TIMEOUT)) for i, sock in enumerate(socks)]
+        guests = [
+            stack.enter_context(
+                start_guest(
+                    f"pst-g{i}",
+                    sock,
+                    MACS[i],
+                    f"10.250.0.{i + 1}/24",
+                    f"10.250.0.{2 - i}",
+                    workdir=workdir,
+                    role=role,
+                    count=5,
+                    seconds=60,
+                    linger=8,
+                    timeout=GUEST_TIMEOUT,
+                )
+            )
+            for i, sock in enumerate(socks)
+        ]
         return guests[0], guests[1], stack.pop_all()
 
 
-def _check_pings(guests: tuple[Guest, Guest], record_property: pytest.RecordProperty, label: str) -> None:
-    """Both guests got all their replies; record and print launch-to-ready and launch-to-first-reply."""
+def _check_pings(
+    guests: tuple[Guest, Guest], record_property: pytest.RecordProperty, label: str
+) -> None:
+    """Both guests got all their replies; record and print launch-to-ready and
+    launch-to-first-reply."""
     for guest in guests:
         line = guest.wait_for("PYSWITCH-PING-", timeout=90)
         assert "PYSWITCH-PING-OK received=5/5" in line, guest.describe()
@@ -63,21 +83,26 @@ def _check_pings(guests: tuple[Guest, Guest], record_property: pytest.RecordProp
         uptime = guest.wait_for("PYSWITCH-FIRST-REPLY").split("uptime=")[1]
         record_property(f"{label}-{guest.name}-ready-s", round(ready, 2))
         record_property(f"{label}-{guest.name}-first-reply-s", round(first, 2))
-        print(f"\n{label} {guest.name}: launch->READY {ready:.1f}s, launch->first reply {first:.1f}s "
-              f"(guest uptime {uptime}s)")
+        print(
+            f"\n{label} {guest.name}: launch->READY {ready:.1f}s, launch->first reply {first:.1f}s "
+            f"(guest uptime {uptime}s)"
+        )
 
 
 def _check_forwarded(testpmd: Testpmd) -> None:
-    """testpmd saw the pings both ways: each port received at least the 5 requests or replies, and in io
-    mode what one port received went out of the other."""
+    """testpmd saw the pings both ways: each port received at least the 5 requests or replies, and
+    in io mode what one port received went out of the other."""
     stats = testpmd.port_stats()
     assert stats[0].rx_packets >= 5 and stats[1].rx_packets >= 5, stats
-    assert stats[1].tx_packets <= stats[0].rx_packets and stats[0].tx_packets <= stats[1].rx_packets, stats
+    assert (
+        stats[1].tx_packets <= stats[0].rx_packets and stats[0].tx_packets <= stats[1].rx_packets
+    ), stats
 
 
-def test_two_guests_ping_through_testpmd_vhost_qemu_client(workdir: Path,
-                                                            record_property: pytest.RecordProperty) -> None:
-    """QEMU connects (chardev client); testpmd's net_vhost listens, as pyswitch's dpdkvhostuser will."""
+def test_two_guests_ping_through_testpmd_vhost_qemu_client(
+    workdir: Path, record_property: pytest.RecordProperty
+) -> None:
+    """QEMU connects (chardev client); net_vhost listens, as pyswitch's dpdkvhostuser will."""
     socks = (workdir / "vh0.sock", workdir / "vh1.sock")
     vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
     with Testpmd(vdevs, forward_mode="io", cleanup_paths=socks) as testpmd:
@@ -92,8 +117,9 @@ def test_two_guests_ping_through_testpmd_vhost_qemu_client(workdir: Path,
     assert not any(s.exists() for s in socks) and not any(r.exists() for r in runtime)
 
 
-def test_two_guests_ping_through_testpmd_vhost_qemu_server(workdir: Path,
-                                                            record_property: pytest.RecordProperty) -> None:
+def test_two_guests_ping_through_testpmd_vhost_qemu_server(
+    workdir: Path, record_property: pytest.RecordProperty
+) -> None:
     """QEMU listens (server=on,wait=off); testpmd's net_vhost connects with client=1, as pyswitch's
     dpdkvhostuserclient will.  The guests boot before any back end is there."""
     socks = (workdir / "q0.sock", workdir / "q1.sock")
@@ -108,19 +134,23 @@ def test_two_guests_ping_through_testpmd_vhost_qemu_server(workdir: Path,
             testpmd.command("start")
             _check_pings((g0, g1), record_property, "qemu-server")
             _check_forwarded(testpmd)
-    assert not any(s.exists() for s in socks), "Guest.stop() must remove the socket QEMU listened on"
+    assert not any(s.exists() for s in socks), (
+        "Guest.stop() must remove the socket QEMU listened on"
+    )
 
 
 def test_client_guest_without_back_end_fails_clearly(workdir: Path) -> None:
-    """No back end listening: start_guest raises GuestError naming the socket, and launches no QEMU."""
+    """No back end listening: start_guest raises GuestError naming the socket; no QEMU runs."""
     sock = workdir / "nobody.sock"
     with pytest.raises(GuestError, match="no vhost-user back end listening on .*nobody.sock"):
         start_guest("pst-none", sock, MACS[0], "10.0.0.1/24", workdir=workdir, connect_timeout=0.5)
     assert not (workdir / "pst-none.qemu.log").exists()
 
 
-def test_missing_peers_fail_naming_the_package(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With an empty PATH the harness fails (never skips) and says which Debian package to install."""
+def test_missing_peers_fail_naming_the_package(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an empty PATH the harness fails (never skips), naming the Debian package to install."""
     monkeypatch.setenv("PATH", str(workdir))
     with pytest.raises(PeerMissingError, match="install the Debian package qemu-system-x86"):
         start_guest("pst-x", workdir / "x.sock", MACS[0], "10.0.0.1/24", workdir=workdir)
@@ -129,24 +159,42 @@ def test_missing_peers_fail_naming_the_package(workdir: Path, monkeypatch: pytes
 
 
 def test_initramfs_is_cached_and_loads_virtio_net_after_its_dependencies(workdir: Path) -> None:
-    """The archive is a valid newc cpio (read back by busybox cpio), holds /init, busybox and every module
-    modules.dep requires, listed dependencies first; a second build reuses the cached file."""
+    """The archive is a valid newc cpio (read back by busybox cpio), holds /init, busybox and every
+    module modules.dep requires, dependencies first; a second build reuses the cached file."""
     first = build_initramfs(cache_dir=workdir)
     mtime = first.stat().st_mtime_ns
     assert build_initramfs(cache_dir=workdir) == first and first.stat().st_mtime_ns == mtime
-    listing = subprocess.run(f"gunzip -c {first} | busybox cpio -t", shell=True, capture_output=True,
-                             text=True, check=True, timeout=30).stdout.split()
+    listing = subprocess.run(
+        f"gunzip -c {first} | busybox cpio -t",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
     unpacked = workdir / "unpacked"
     unpacked.mkdir()
-    subprocess.run(f"gunzip -c {first} | busybox cpio -id modules/order", shell=True, cwd=unpacked,
-                   capture_output=True, check=True, timeout=30)
+    subprocess.run(
+        f"gunzip -c {first} | busybox cpio -id modules/order",
+        shell=True,
+        cwd=unpacked,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
     order = (unpacked / "modules" / "order").read_text().split()
     assert {"init", "bin/busybox", "dev/console", "modules/order"} <= set(listing)
     assert {f"modules/{name}.ko" for name in order} <= set(listing)
     kernel = find_kernel()
     assert len(order) == len(module_load_order(kernel.moddir, NET_MODULES))
-    assert order[-1] == "virtio_net" and order.index("virtio") < order.index("virtio_pci")
-    assert order.index("virtio_ring") < order.index("virtio") and "net_failover" in order
+    # Every module comes after all the modules modules.dep says it needs.
+    for line in (kernel.moddir / "modules.dep").read_text().splitlines():
+        path, _, deps = line.partition(":")
+        name = Path(path).name.split(".ko")[0]
+        if name in order:
+            needed = {Path(d).name.split(".ko")[0] for d in deps.split()}
+            assert needed <= set(order[: order.index(name)]), (name, needed, order)
+    assert {"virtio_net", "virtio_pci", "8021q"} <= set(order)
 
 
 def test_testpmd_port_stats_parse_live_counters(workdir: Path) -> None:
@@ -164,34 +212,61 @@ def test_testpmd_port_stats_parse_live_counters(workdir: Path) -> None:
 
 
 def test_vlan_guests_ping_over_tagged_frames(workdir: Path) -> None:
-    """Guests given vlan=10 talk through eth0.10 (8021q is in the initramfs); testpmd's io mode passes
-    tagged frames as they are and, verbose, shows their EtherType is 802.1Q."""
+    """Guests given vlan=10 talk through eth0.10 (8021q is in the initramfs); testpmd's io mode
+    passes tagged frames as they are and, verbose, shows their EtherType is 802.1Q."""
     socks = (workdir / "v0.sock", workdir / "v1.sock")
     vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
     with Testpmd(vdevs, cleanup_paths=socks) as testpmd, ExitStack() as stack:
         testpmd.command("set verbose 1")
         testpmd.command("start")
-        pinger = stack.enter_context(start_guest(
-            "pst-v0", socks[0], MACS[0], "10.250.10.1/24", "10.250.10.2", workdir=workdir, vlan=10,
-            count=3, timeout=GUEST_TIMEOUT))
-        server = stack.enter_context(start_guest(
-            "pst-v1", socks[1], MACS[1], "10.250.10.2/24", workdir=workdir, vlan=10, action="serve",
-            seconds=80, timeout=GUEST_TIMEOUT))
+        pinger = stack.enter_context(
+            start_guest(
+                "pst-v0",
+                socks[0],
+                MACS[0],
+                "10.250.10.1/24",
+                "10.250.10.2",
+                workdir=workdir,
+                vlan=10,
+                count=3,
+                timeout=GUEST_TIMEOUT,
+            )
+        )
+        server = stack.enter_context(
+            start_guest(
+                "pst-v1",
+                socks[1],
+                MACS[1],
+                "10.250.10.2/24",
+                workdir=workdir,
+                vlan=10,
+                action="serve",
+                seconds=80,
+                timeout=GUEST_TIMEOUT,
+            )
+        )
         assert "dev=eth0.10" in server.wait_for("PYSWITCH-READY", timeout=60)
-        assert "PYSWITCH-PING-OK received=3/3" in pinger.wait_for("PYSWITCH-PING-", timeout=90), \
+        assert "PYSWITCH-PING-OK received=3/3" in pinger.wait_for("PYSWITCH-PING-", timeout=90), (
             pinger.describe()
-        # testpmd's verbose dump of a received burst: "src=.. - dst=.. - pool=.. - type=0x8100 - ..."
+        )
+        # testpmd's verbose dump of a received burst: "src=.. - dst=.. - pool=.. - type=0x8100 -
+        # ..."
         assert "type=0x8100" in testpmd.output() and "type=0x0800" not in testpmd.output()
-        assert testpmd.port_stats()[0].rx_packets >= 4  # an ARP request and 3 echo requests at least
+        assert (
+            testpmd.port_stats()[0].rx_packets >= 4
+        )  # an ARP request and 3 echo requests at least
 
 
 # Shell run by a guest (action "cmd"): ping its peer forever, one console line per reply.
-PONG_LOOP = ("n=0; while true; do if ping -c 1 -W 1 {peer} >/dev/null; then n=$((n+1)); "
-             "echo PYSWITCH-PONG $n; sleep 0.5; fi; done")
+PONG_LOOP = (
+    "n=0; while true; do if ping -c 1 -W 1 {peer} >/dev/null; then n=$((n+1)); "
+    "echo PYSWITCH-PONG $n; sleep 0.5; fi; done"
+)
 
 
-def test_qemu_client_reconnects_after_back_end_restart(workdir: Path,
-                                                       record_property: pytest.RecordProperty) -> None:
+def test_qemu_client_reconnects_after_back_end_restart(
+    workdir: Path, record_property: pytest.RecordProperty
+) -> None:
     """The back end goes away and comes back on the same sockets (a switch restart): QEMU's chardev
     reconnect=1 brings the guests' NICs back without a reboot and the pings resume."""
     socks = (workdir / "r0.sock", workdir / "r1.sock")
@@ -201,12 +276,30 @@ def test_qemu_client_reconnects_after_back_end_restart(workdir: Path,
         stack.callback(first.stop)
         first.start()
         first.command("start")
-        pinger = stack.enter_context(start_guest(
-            "pst-r0", socks[0], MACS[0], "10.250.0.1/24", workdir=workdir, action="cmd",
-            script=PONG_LOOP.format(peer="10.250.0.2"), timeout=GUEST_TIMEOUT))
-        stack.enter_context(start_guest(
-            "pst-r1", socks[1], MACS[1], "10.250.0.2/24", workdir=workdir, action="serve", seconds=90,
-            timeout=GUEST_TIMEOUT))
+        pinger = stack.enter_context(
+            start_guest(
+                "pst-r0",
+                socks[0],
+                MACS[0],
+                "10.250.0.1/24",
+                workdir=workdir,
+                action="cmd",
+                script=PONG_LOOP.format(peer="10.250.0.2"),
+                timeout=GUEST_TIMEOUT,
+            )
+        )
+        stack.enter_context(
+            start_guest(
+                "pst-r1",
+                socks[1],
+                MACS[1],
+                "10.250.0.2/24",
+                workdir=workdir,
+                action="serve",
+                seconds=90,
+                timeout=GUEST_TIMEOUT,
+            )
+        )
         pinger.wait_for("PYSWITCH-PONG", timeout=60)
         first.stop()
         assert not any(s.exists() for s in socks)

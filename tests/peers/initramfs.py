@@ -1,29 +1,33 @@
 """A tiny busybox initramfs that boots the host's distribution kernel into a one-shot network guest.
 
 API
-- `find_kernel() -> KernelInfo`: the newest `/boot/vmlinuz-<ver>` that has `/lib/modules/<ver>`; raises
-  `PeerMissingError` naming linux-image-amd64 when there is none.
-- `build_initramfs(cache_dir=None, kernel=None, extra_modules=()) -> Path`: a gzip'd cpio (newc) archive
-  holding static busybox, the virtio-net and 8021q modules of that kernel (plus `extra_modules`) in
-  dependency order, and `/init`. Cached in `cache_dir` (default `$PYSWITCH_PEER_CACHE` or
-  /tmp/pyswitch-peer-cache) under a name derived from the kernel version and the archive's inputs, so tests
-  build it once; written atomically, so parallel test runs may share the cache.
+- `find_kernel() -> KernelInfo`: the newest `/boot/vmlinuz-<ver>` that has `/lib/modules/<ver>`;
+  raises `PeerMissingError` naming linux-image-amd64 when there is none.
+- `build_initramfs(cache_dir=None, kernel=None, extra_modules=()) -> Path`: a gzip'd cpio (newc)
+  archive holding static busybox, the virtio-net and 8021q modules of that kernel (plus
+  `extra_modules`) in dependency order, and `/init`. Cached in `cache_dir` (default
+  `$PYSWITCH_PEER_CACHE` or /tmp/pyswitch-peer-cache) under a name derived from the kernel version
+  and the archive's inputs, so tests build it once; written atomically, so parallel test runs may
+  share the cache.
 - `boot_image(kernel, cache_dir=None) -> Path`: what QEMU's -kernel gets: the kernel's ELF vmlinux
-  (extracted once, cached) when it can boot through PVH, which halves boot time under TCG; else the bzImage.
-- `guest_cmdline(ip, peer_ip, action=..., ...) -> str`: the kernel command line that configures `/init`.
+  (extracted once, cached) when it can boot through PVH, which halves boot time under TCG; else the
+  bzImage.
+- `guest_cmdline(ip, peer_ip, action=..., ...) -> str`: the kernel command line that configures
+  `/init`.
 
 What /init does (parameters come from `pst.*` words on the kernel command line):
-  mount /proc /sys /dev; insmod the modules listed in /modules/order; bring eth0 up (or the VLAN device
-  eth0.<pst.vlan>) with address `pst.ip` (CIDR); print `PYSWITCH-READY uptime=<s>`; run the action; print
-  `PYSWITCH-POWEROFF`; `poweroff -f`.
+  mount /proc /sys /dev; insmod the modules listed in /modules/order; bring eth0 up (or the VLAN
+  device eth0.<pst.vlan>) with address `pst.ip` (CIDR); print `PYSWITCH-READY uptime=<s>`; run the
+  action; print `PYSWITCH-POWEROFF`; `poweroff -f`.
   Actions (`pst.action`):
   - `ping`: ping `pst.peer` once a second until the first reply or `pst.time` seconds (prints
     `PYSWITCH-FIRST-REPLY uptime=<s>`), then `pst.count` pings at 0.2 s intervals; prints
     `PYSWITCH-PING-OK received=<n>/<n>` when every one was answered, else `PYSWITCH-PING-FAIL ...`.
   - `serve`: stay up `pst.time` seconds (the kernel answers pings), then `PYSWITCH-DONE`.
   - `cmd`: run the base64-encoded shell script `pst.cmd`; prints `PYSWITCH-CMD-EXIT rc=<rc>`.
-  After the action the guest stays up `pst.linger` seconds (default 0: a peer guest may still be pinging it).
-  Errors print `PYSWITCH-ERROR <what>`. All markers are whole lines on the serial console.
+  After the action the guest stays up `pst.linger` seconds (default 0: a peer guest may still be
+  pinging it). Errors print `PYSWITCH-ERROR <what>`. All markers are whole lines on the serial
+  console.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from tests.peers.missing import PeerMissingError, require_path
 KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 BUSYBOX = Path("/bin/busybox")
-# The modules a virtio-net-pci guest needs (8021q for VLAN devices); dependencies come from modules.dep.
+# Modules a virtio-net-pci guest needs (8021q for VLANs); their dependencies come from modules.dep.
 NET_MODULES = ("virtio_pci", "virtio_net", "8021q")
 DEFAULT_CACHE = Path(os.environ.get("PYSWITCH_PEER_CACHE", "/tmp/pyswitch-peer-cache"))
 
@@ -86,7 +90,8 @@ ping)
   if [ $got = 1 ]; then
     say FIRST-REPLY uptime=$(up)
     r=$(ping -c $P_count -i 0.2 -W 2 $P_peer | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
-    if [ "$r" = "$P_count" ]; then say PING-OK received=$r/$P_count; else say PING-FAIL received=$r/$P_count; fi
+    verdict=PING-FAIL; [ "$r" = "$P_count" ] && verdict=PING-OK
+    say $verdict received=$r/$P_count
   else
     say PING-FAIL no reply from $P_peer in ${P_time}s
   fi;;
@@ -114,13 +119,15 @@ def find_kernel() -> KernelInfo:
     """Return the newest kernel in /boot whose modules are installed; `PeerMissingError` if none."""
     candidates = []
     for image in sorted(Path("/boot").glob("vmlinuz-*")):
-        version = image.name[len("vmlinuz-"):]
+        version = image.name[len("vmlinuz-") :]
         moddir = Path("/lib/modules") / version
         if (moddir / "modules.dep").exists() and os.access(image, os.R_OK):
             candidates.append(KernelInfo(version, image, moddir))
     if not candidates:
         raise PeerMissingError(
-            f"no /boot/vmlinuz-* with its /lib/modules tree: install the Debian package {KERNEL_PACKAGE}")
+            "no /boot/vmlinuz-* with its /lib/modules tree: "
+            f"install the Debian package {KERNEL_PACKAGE}"
+        )
     return max(candidates, key=lambda k: _version_key(k.version))
 
 
@@ -132,7 +139,7 @@ def _version_key(version: str) -> list[int]:
 def module_load_order(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
     """Paths (relative to `moddir`) of `wanted` modules and their dependencies, dependencies first.
 
-    Modules built into the kernel (modules.builtin) are left out; a module that is neither is an error.
+    Modules built into the kernel (modules.builtin) are left out; one that is neither is an error.
     """
     deps: dict[str, list[str]] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
@@ -140,7 +147,11 @@ def module_load_order(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
         deps[path] = rest.split()
     by_name = {_module_name(p): p for p in deps}
     builtin_file = moddir / "modules.builtin"
-    builtin = {_module_name(p) for p in builtin_file.read_text().split()} if builtin_file.exists() else set()
+    builtin = (
+        {_module_name(p) for p in builtin_file.read_text().split()}
+        if builtin_file.exists()
+        else set()
+    )
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -154,7 +165,9 @@ def module_load_order(moddir: Path, wanted: tuple[str, ...]) -> list[Path]:
         if name in by_name:
             visit(by_name[name])
         elif name not in builtin:
-            raise PeerMissingError(f"kernel module {name} not in {moddir}: install {KERNEL_PACKAGE}")
+            raise PeerMissingError(
+                f"kernel module {name} not in {moddir}: install {KERNEL_PACKAGE}"
+            )
     return [Path(p) for p in order]
 
 
@@ -164,7 +177,7 @@ def _module_name(path: str) -> str:
 
 
 def read_module(path: Path) -> bytes:
-    """The uncompressed bytes of a module file (.ko, .ko.xz, .ko.gz, .ko.zst): busybox insmod wants plain .ko."""
+    """The uncompressed bytes of a .ko, .ko.xz, .ko.gz or .ko.zst (busybox insmod wants a .ko)."""
     data = path.read_bytes()
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
@@ -179,16 +192,32 @@ def read_module(path: Path) -> bytes:
 
 
 class CpioWriter:
-    """Writes a cpio archive in the "newc" format the kernel unpacks (Documentation/driver-api/early-userspace)."""
+    """Writes a cpio archive in the "newc" format the kernel unpacks
+    (Documentation/driver-api/early-userspace)."""
 
     def __init__(self) -> None:
         self._out = io.BytesIO()
         self._ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         encoded = name.encode() + b"\0"
-        fields = (self._ino, mode, 0, 0, 2 if mode & _S_IFDIR else 1, 0, len(data), 0, 0,
-                  rdev[0], rdev[1], len(encoded), 0)
+        fields = (
+            self._ino,
+            mode,
+            0,
+            0,
+            2 if mode & _S_IFDIR else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
+        )
         self._ino += 1
         self._out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
         self._pad()
@@ -213,9 +242,12 @@ class CpioWriter:
         return self._out.getvalue()
 
 
-def build_initramfs(cache_dir: Path | None = None, kernel: KernelInfo | None = None,
-                    extra_modules: tuple[str, ...] = ()) -> Path:
-    """Return the path of a cached initramfs for `kernel` (default: `find_kernel()`), building it if needed.
+def build_initramfs(
+    cache_dir: Path | None = None,
+    kernel: KernelInfo | None = None,
+    extra_modules: tuple[str, ...] = (),
+) -> Path:
+    """The path of the cached initramfs for `kernel` (default: `find_kernel()`); built if needed.
 
     Raises `PeerMissingError` when busybox, the kernel or a module is missing.
     """
@@ -223,7 +255,9 @@ def build_initramfs(cache_dir: Path | None = None, kernel: KernelInfo | None = N
     kernel = kernel or find_kernel()
     modules = module_load_order(kernel.moddir, NET_MODULES + tuple(extra_modules))
     busybox = BUSYBOX.read_bytes()
-    digest = hashlib.sha256(INIT_SCRIPT.encode() + busybox + repr(modules).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(INIT_SCRIPT.encode() + busybox + repr(modules).encode()).hexdigest()[
+        :12
+    ]
     cache = cache_dir or DEFAULT_CACHE
     target = cache / f"initramfs-{kernel.version}-{digest}.cpio.gz"
     if target.exists():
@@ -231,11 +265,13 @@ def build_initramfs(cache_dir: Path | None = None, kernel: KernelInfo | None = N
     cpio = CpioWriter()
     for d in ("bin", "dev", "proc", "sys", "tmp", "modules"):
         cpio.directory(d)
-    cpio.char_device("dev/console", 5, 1)  # the kernel opens it for /init's stdio before mounting devtmpfs
+    cpio.char_device(
+        "dev/console", 5, 1
+    )  # the kernel opens it for /init's stdio before mounting devtmpfs
     cpio.file("bin/busybox", busybox, 0o755)
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
     names = [_module_name(str(m)) for m in modules]
-    for name, rel in zip(names, modules):
+    for name, rel in zip(names, modules, strict=True):
         cpio.file(f"modules/{name}.ko", read_module(kernel.moddir / rel))
     cpio.file("modules/order", ("\n".join(names) + "\n").encode())
     _write_atomically(target, gzip.compress(cpio.finish(), compresslevel=6))
@@ -243,9 +279,10 @@ def build_initramfs(cache_dir: Path | None = None, kernel: KernelInfo | None = N
 
 
 def boot_image(kernel: KernelInfo, cache_dir: Path | None = None) -> Path:
-    """The image to give QEMU's -kernel: the ELF vmlinux inside the bzImage when the kernel can boot it via
-    PVH (CONFIG_PVH=y), else the bzImage itself.  Under TCG, decompressing the kernel in the guest costs about
-    as long as booting it (5 s against 11 s to power-off alone); the ELF is extracted once and cached."""
+    """The image to give QEMU's -kernel: the ELF vmlinux inside the bzImage when the kernel can boot
+    it via PVH (CONFIG_PVH=y), else the bzImage itself.  Under TCG, decompressing the kernel in the
+    guest costs about as long as booting it (5 s against 11 s to power-off alone); the ELF is
+    extracted once and cached."""
     config = kernel.vmlinuz.parent / f"config-{kernel.version}"
     if not config.exists() or "CONFIG_PVH=y" not in config.read_text().splitlines():
         return kernel.vmlinuz
@@ -284,23 +321,40 @@ def _gunzip(data: bytes) -> bytes:
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
-    """Write `target` through a temporary file and a rename, so concurrent builders never see half a file."""
+    """Write `target` via a temporary file and a rename: no reader ever sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(data)
     os.replace(tmp.name, target)
 
 
-def guest_cmdline(ip: str, peer_ip: str = "", action: str = "ping", count: int = 5, seconds: int = 60,
-                  vlan: int | None = None, script: str | None = None, linger: int = 0,
-                  extra: str = "") -> str:
-    """The kernel command line for a guest: serial console, quiet, no reboot on panic, and /init's `pst.*`.
+def guest_cmdline(
+    ip: str,
+    peer_ip: str = "",
+    action: str = "ping",
+    count: int = 5,
+    seconds: int = 60,
+    vlan: int | None = None,
+    script: str | None = None,
+    linger: int = 0,
+    extra: str = "",
+) -> str:
+    """A guest's kernel command line: serial console, quiet, no reboot on panic, /init's `pst.*`.
 
     `ip` is CIDR ("10.9.0.1/24"); `seconds` bounds the ping wait (`ping`) or the up time (`serve`);
-    `script` is the shell text run by action `cmd` (base64-encoded so spaces survive the command line).
+    `script` is the shell text run by action `cmd` (base64-encoded so spaces survive the command
+    line).
     """
-    words = ["console=ttyS0", "quiet", "panic=-1", f"pst.ip={ip}", f"pst.action={action}",
-             f"pst.count={count}", f"pst.time={seconds}", f"pst.linger={linger}"]
+    words = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        f"pst.ip={ip}",
+        f"pst.action={action}",
+        f"pst.count={count}",
+        f"pst.time={seconds}",
+        f"pst.linger={linger}",
+    ]
     if peer_ip:
         words.append(f"pst.peer={peer_ip}")
     if vlan is not None:

@@ -1,7 +1,7 @@
 """A real peer that is not installed is a test failure, never a skip.
 
-`require_binary` and `require_path` raise `PeerMissingError` whose message names the Debian package that
-provides the missing piece, so the failure tells the reader what to install.
+`require_binary` and `require_path` raise `PeerMissingError` whose message names the Debian package
+that provides the missing piece, so the failure tells the reader what to install.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class PeerMissingError(RuntimeError):
 
 
 def require_binary(name: str, package: str) -> str:
-    """Return the absolute path of program `name` on PATH, or raise `PeerMissingError` naming `package`."""
+    """The absolute path of program `name` on PATH; else `PeerMissingError` naming `package`."""
     found = shutil.which(name)
     if found is None:
         raise PeerMissingError(f"{name} not found on PATH: install the Debian package {package}")
@@ -23,7 +23,7 @@ def require_binary(name: str, package: str) -> str:
 
 
 def require_path(path: Path, package: str, what: str) -> Path:
-    """Return `path` if it exists, or raise `PeerMissingError` saying `what` is missing and naming `package`."""
+    """`path` if it exists; else `PeerMissingError` saying `what` is missing, naming `package`."""
     if not path.exists():
         raise PeerMissingError(f"{what} ({path}) not found: install the Debian package {package}")
     return path

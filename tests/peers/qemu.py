@@ -1,24 +1,27 @@
-"""QEMU guests with one virtio-net NIC on a vhost-user socket: the real front end for vhost-user tests.
+"""QEMU guests with one virtio-net NIC on a vhost-user socket: the real front end for tests.
 
 API
-- `start_guest(name, sock_path, mac, ip, peer_ip="", role="client", action="ping", ...) -> Guest` builds (or
-  reuses) the initramfs of tests.peers.initramfs, launches QEMU and returns at once. `role="client"`: QEMU
-  connects to a back end listening on `sock_path` (pyswitch's `dpdkvhostuser`); the socket must appear within
-  `connect_timeout` s. `role="server"`: QEMU listens on `sock_path` (server=on,wait=off) and the back end
-  connects (pyswitch's `dpdkvhostuserclient`). `action`, `count`, `seconds`, `vlan`, `script`, `linger`
-  are passed to the guest's /init (see tests.peers.initramfs for the actions and the `PYSWITCH-*` console markers).
-- `Guest` is a context manager: `.wait_for(marker, timeout) -> str` (the console line, or `GuestError` with
-  the console and QEMU's own log when QEMU exits or the time is up), `.seconds_to(marker)` (host seconds
-  from launch to the first sight of the marker), `.console_text()`, `.wait_exit(timeout)`, `.stop()`
-  (always kills QEMU, removes a socket QEMU created). QEMU runs under `timeout -s KILL <timeout>` in its own
-  process group, so even a test process that dies cannot leave a guest running past `timeout`.
-- qemu-system-x86_64, the kernel or busybox missing raises `PeerMissingError` naming the Debian package.
+- `start_guest(name, sock_path, mac, ip, peer_ip="", role="client", action="ping", ...) -> Guest`
+  builds (or reuses) the initramfs of tests.peers.initramfs, launches QEMU and returns at once.
+  `role="client"`: QEMU connects to a back end listening on `sock_path` (pyswitch's
+  `dpdkvhostuser`); the socket must appear within `connect_timeout` s. `role="server"`: QEMU listens
+  on `sock_path` (server=on,wait=off) and the back end connects (pyswitch's `dpdkvhostuserclient`).
+  `action`, `count`, `seconds`, `vlan`, `script`, `linger` are passed to the guest's /init (see
+  tests.peers.initramfs for the actions and the `PYSWITCH-*` console markers).
+- `Guest` is a context manager: `.wait_for(marker, timeout) -> str` (the console line, or
+  `GuestError` with the console and QEMU's own log when QEMU exits or the time is up),
+  `.seconds_to(marker)` (host seconds from launch to the first sight of the marker),
+  `.console_text()`, `.wait_exit(timeout)`, `.stop()` (always kills QEMU, removes a socket QEMU
+  created). QEMU runs under `timeout -s KILL <timeout>` in its own process group, so even a test
+  process that dies cannot leave a guest running past `timeout`.
+- qemu-system-x86_64, the kernel or busybox missing: `PeerMissingError` naming the Debian package.
 
-Why the command line looks like this (see /work/shared/real-peers.md): `-accel tcg` (the nested KVM here
-cannot run a stock kernel); `vectors=0` on virtio-net-pci (QEMU 7.2 segfaults under TCG when a vhost-user
-virtio-net-pci device starts with MSI-X; `msix=True` turns MSI-X back on for newer QEMUs); guest RAM in a
-shared memfd (a vhost-user back end maps it); `romfile=` skips the iPXE option ROM and `-nodefaults` the
-VGA card, both only cost boot time. `-smp 1`: the guests of a test share the cores left by the back end.
+Why the command line looks like this (see /work/shared/real-peers.md): `-accel tcg` (the nested KVM
+here cannot run a stock kernel); `vectors=0` on virtio-net-pci (QEMU 7.2 segfaults under TCG when a
+vhost-user virtio-net-pci device starts with MSI-X; `msix=True` turns MSI-X back on for newer
+QEMUs); guest RAM in a shared memfd (a vhost-user back end maps it); `romfile=` skips the iPXE
+option ROM and `-nodefaults` the VGA card, both only cost boot time. `-smp 1`: the guests of a test
+share the cores left by the back end.
 """
 
 from __future__ import annotations
@@ -42,13 +45,23 @@ class GuestError(AssertionError):
     """A guest did not reach an expected state; the message carries its console and QEMU's log."""
 
 
-def qemu_argv(name: str, sock_path: Path, mac: str, cmdline: str, kernel: Path, initramfs: Path,
-              console: Path, role: str = "client", memory_mb: int = 256, msix: bool = False,
-              reconnect: int = 1) -> list[str]:
+def qemu_argv(
+    name: str,
+    sock_path: Path,
+    mac: str,
+    cmdline: str,
+    kernel: Path,
+    initramfs: Path,
+    console: Path,
+    role: str = "client",
+    memory_mb: int = 256,
+    msix: bool = False,
+    reconnect: int = 1,
+) -> list[str]:
     """The QEMU command line for one guest (without the `timeout` wrapper).
 
-    `reconnect` (client role only): seconds between QEMU's attempts to reconnect after the back end went
-    away, 0 for none.
+    `reconnect` (client role only): seconds between QEMU's attempts to reconnect after the back end
+    went away, 0 for none.
     """
     path = str(sock_path).replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
     if role == "server":
@@ -59,20 +72,47 @@ def qemu_argv(name: str, sock_path: Path, mac: str, cmdline: str, kernel: Path, 
         raise ValueError(f"role must be 'client' or 'server', not {role!r}")
     device = f"virtio-net-pci,netdev=n0,mac={mac},romfile=" + ("" if msix else ",vectors=0")
     return [
-        require_binary(QEMU, QEMU_PACKAGE), "-name", name, "-accel", "tcg", "-nodefaults",
-        "-no-user-config", "-display", "none", "-no-reboot", "-smp", "1", "-m", str(memory_mb),
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-numa", "node,memdev=mem",
-        "-kernel", str(kernel), "-initrd", str(initramfs), "-append", cmdline,
-        "-serial", f"file:{console}",
-        "-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0", "-device", device,
+        require_binary(QEMU, QEMU_PACKAGE),
+        "-name",
+        name,
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-smp",
+        "1",
+        "-m",
+        str(memory_mb),
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        cmdline,
+        "-serial",
+        f"file:{console}",
+        "-chardev",
+        chardev,
+        "-netdev",
+        "vhost-user,id=n0,chardev=c0",
+        "-device",
+        device,
     ]
 
 
 class Guest:
     """One running QEMU guest; see the module docstring.  Create it with `start_guest`."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, sock_path: Path, role: str,
-                 timeout: float) -> None:
+    def __init__(
+        self, name: str, argv: list[str], workdir: Path, sock_path: Path, role: str, timeout: float
+    ) -> None:
         self.name = name
         self.argv = argv
         self.sock_path = sock_path
@@ -90,8 +130,12 @@ class Guest:
     def __enter__(self) -> Guest:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def launch(self) -> None:
@@ -99,8 +143,13 @@ class Guest:
         self.console.write_text("")
         with open(self.log, "wb") as log:
             wrapper = [require_binary("timeout", "coreutils"), "-s", "KILL", str(int(self.timeout))]
-            self._proc = subprocess.Popen(wrapper + self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                wrapper + self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.started = time.monotonic()
         self._watcher = threading.Thread(target=self._watch, name=f"guest-{self.name}", daemon=True)
         self._watcher.start()
@@ -121,7 +170,7 @@ class Guest:
         """Note the host time at which each new console line was first seen."""
         lines = self.console_text().splitlines()
         now = time.monotonic() - self.started
-        for line in lines[len(self._lines):]:
+        for line in lines[len(self._lines) :]:
             self._lines.append((line.strip(), now))
 
     def _watch(self) -> None:
@@ -134,12 +183,19 @@ class Guest:
     def _find(self, marker: str, after: float = 0.0) -> str | None:
         with self._lock:
             self._poll()
-            return next((line for line, when in self._lines
-                         if marker in line and self.started + when >= after), None)
+            return next(
+                (
+                    line
+                    for line, when in self._lines
+                    if marker in line and self.started + when >= after
+                ),
+                None,
+            )
 
     def wait_for(self, marker: str, timeout: float = 60.0, after: float = 0.0) -> str:
-        """Wait until a console line contains `marker`; return that line.  `GuestError` if QEMU exits first
-        or `timeout` seconds pass.  `after` (a time.monotonic() value) ignores lines seen before it."""
+        """Wait until a console line contains `marker`; return that line.  `GuestError` if QEMU
+        exits first or `timeout` seconds pass.  `after` (a time.monotonic() value) ignores lines
+        seen before it."""
         deadline = time.monotonic() + timeout
         while True:
             line = self._find(marker, after)
@@ -172,11 +228,13 @@ class Guest:
     def describe(self) -> str:
         """The command line, the console tail and QEMU's log: what a failure message needs."""
         log = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return (f"command: {' '.join(self.argv)}\n--- console (tail) ---\n{self.console_text()[-2500:]}"
-                f"\n--- qemu log ---\n{log[-1500:]}")
+        return (
+            f"command: {' '.join(self.argv)}\n--- console (tail) ---\n{self.console_text()[-2500:]}"
+            f"\n--- qemu log ---\n{log[-1500:]}"
+        )
 
     def stop(self) -> None:
-        """Kill QEMU (its whole process group) if it still runs; remove the socket it listened on."""
+        """Kill QEMU (its whole process group) if it runs; remove the socket it listened on."""
         proc = self._proc
         self._stopped.set()
         if self._watcher is not None:
@@ -196,32 +254,67 @@ class Guest:
             self.sock_path.unlink(missing_ok=True)
 
 
-def start_guest(name: str, sock_path: Path, mac: str, ip: str, peer_ip: str = "", *, workdir: Path,
-                role: str = "client", action: str = "ping", count: int = 5, seconds: int = 60,
-                vlan: int | None = None, script: str | None = None, linger: int = 0,
-                timeout: float = 120.0,
-                connect_timeout: float = 10.0, msix: bool = False, memory_mb: int = 256) -> Guest:
-    """Launch a guest whose eth0 is on `sock_path` with address `ip` (CIDR); see the module docstring.
+def start_guest(
+    name: str,
+    sock_path: Path,
+    mac: str,
+    ip: str,
+    peer_ip: str = "",
+    *,
+    workdir: Path,
+    role: str = "client",
+    action: str = "ping",
+    count: int = 5,
+    seconds: int = 60,
+    vlan: int | None = None,
+    script: str | None = None,
+    linger: int = 0,
+    timeout: float = 120.0,
+    connect_timeout: float = 10.0,
+    msix: bool = False,
+    memory_mb: int = 256,
+) -> Guest:
+    """Launch a guest whose eth0 is on `sock_path` with address `ip` (CIDR); see the module doc.
 
-    Raises `PeerMissingError` (QEMU, kernel or busybox absent) or `GuestError` (client role and no socket
-    at `sock_path` within `connect_timeout` seconds).
+    Raises `PeerMissingError` (QEMU, kernel or busybox absent) or `GuestError` (client role and no
+    socket at `sock_path` within `connect_timeout` seconds).
     """
     require_binary(QEMU, QEMU_PACKAGE)
     kernel = find_kernel()
     initramfs = build_initramfs(kernel=kernel)
-    cmdline = guest_cmdline(ip, peer_ip, action=action, count=count, seconds=seconds, vlan=vlan,
-                            script=script, linger=linger)
+    cmdline = guest_cmdline(
+        ip,
+        peer_ip,
+        action=action,
+        count=count,
+        seconds=seconds,
+        vlan=vlan,
+        script=script,
+        linger=linger,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     console = workdir / f"{name}.console"
-    argv = qemu_argv(name, sock_path, mac, cmdline, boot_image(kernel), initramfs, console, role=role,
-                     memory_mb=memory_mb, msix=msix)
+    argv = qemu_argv(
+        name,
+        sock_path,
+        mac,
+        cmdline,
+        boot_image(kernel),
+        initramfs,
+        console,
+        role=role,
+        memory_mb=memory_mb,
+        msix=msix,
+    )
     guest = Guest(name, argv, workdir, Path(sock_path), role, timeout)
     if role == "client":
         deadline = time.monotonic() + connect_timeout
         while not Path(sock_path).exists():
             if time.monotonic() > deadline:
-                raise GuestError(f"guest {name}: no vhost-user back end listening on {sock_path} "
-                                 f"after {connect_timeout}s")
+                raise GuestError(
+                    f"guest {name}: no vhost-user back end listening on {sock_path} "
+                    f"after {connect_timeout}s"
+                )
             time.sleep(0.1)
     guest.launch()
     return guest

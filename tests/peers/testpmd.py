@@ -1,18 +1,19 @@
-"""DPDK testpmd as a real peer: start it with given vdevs, drive it on stdin, parse its port counters.
+"""DPDK testpmd as a real peer: start it with given vdevs, drive it on stdin, parse its counters.
 
 API
 - `Testpmd(vdevs, forward_mode="io", lcores="0@0,1@1", ...)`: a context manager. Entering starts
-  `dpdk-testpmd -i` (no PCI, no hugepages, a unique `--file-prefix`) and waits for its first prompt; leaving
-  always kills it and removes its runtime directory (/var/run/dpdk/<prefix>) and the socket files named in
-  `cleanup_paths`. `dpdk-testpmd` missing raises `PeerMissingError` ("install dpdk-dev").
-- `.command(text, timeout) -> str`: send one interactive command ("start", "start tx_first 8", "stop", ...)
-  and return what testpmd printed before its next prompt.
+  `dpdk-testpmd -i` (no PCI, no hugepages, a unique `--file-prefix`) and waits for its first prompt;
+  leaving always kills it and removes its runtime directory (/var/run/dpdk/<prefix>) and the socket
+  files named in `cleanup_paths`. `dpdk-testpmd` missing raises `PeerMissingError` ("install
+  dpdk-dev").
+- `.command(text, timeout) -> str`: send one interactive command ("start", "start tx_first 8",
+  "stop", ...) and return what testpmd printed before its next prompt.
 - `.port_stats() -> dict[int, PortStats]`: `show port stats all`, parsed.
 - `.output() -> str`: everything testpmd printed so far (stdout and stderr), for failure messages.
 
-CPU: the forwarding lcore spins on its CPU once forwarding starts ("start"); with `lcores="0@0,1@1"` the main
-lcore (asleep in the command line) shares CPU 0 with everything else and CPU 1 is the forwarding core.
-testpmd's stdout is a pipe, so it runs under `stdbuf -oL` to see each line when it is printed.
+CPU: the forwarding lcore spins on its CPU once forwarding starts ("start"); with `lcores="0@0,1@1"`
+the main lcore (asleep in the command line) shares CPU 0 with everything else and CPU 1 is the
+forwarding core. testpmd's stdout is a pipe: it runs under `stdbuf -oL` so lines arrive at once.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ class PortStats:
 
 
 def parse_port_stats(text: str) -> dict[int, PortStats]:
-    """Parse the output of `show port stats all` into {port id: PortStats}; ValueError if no port block."""
+    """Parse `show port stats all` output into {port id: PortStats}; ValueError if no port block."""
     ports: dict[int, PortStats] = {}
     for match in _STATS_BLOCK.finditer(text):
         values = {k.lower().replace("-", "_"): int(v) for k, v in _COUNTER.findall(match.group(2))}
-        ports[int(match.group(1))] = PortStats(**{f: values[f] for f in PortStats.__dataclass_fields__})
+        ports[int(match.group(1))] = PortStats(
+            **{f: values[f] for f in PortStats.__dataclass_fields__}
+        )
     if not ports:
         raise ValueError(f"no port statistics in testpmd output: {text!r}")
     return ports
@@ -66,17 +69,39 @@ class Testpmd:
 
     __test__ = False  # not a pytest test class despite its name
 
-    def __init__(self, vdevs: list[str], forward_mode: str = "io", lcores: str = "0@0,1@1",
-                 mem_mb: int = 512, mbufs: int = 8192, app_args: tuple[str, ...] = (),
-                 cleanup_paths: tuple[Path, ...] = (), start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        vdevs: list[str],
+        forward_mode: str = "io",
+        lcores: str = "0@0,1@1",
+        mem_mb: int = 512,
+        mbufs: int = 8192,
+        app_args: tuple[str, ...] = (),
+        cleanup_paths: tuple[Path, ...] = (),
+        start_timeout: float = 30.0,
+    ) -> None:
         self.prefix = "pst" + secrets.token_hex(4)
         binary = require_binary("dpdk-testpmd", TESTPMD_PACKAGE)
-        self.argv = [binary, "--lcores", lcores, "--no-pci", "--no-huge", "-m", str(mem_mb),
-                     f"--file-prefix={self.prefix}"]
+        self.argv = [
+            binary,
+            "--lcores",
+            lcores,
+            "--no-pci",
+            "--no-huge",
+            "-m",
+            str(mem_mb),
+            f"--file-prefix={self.prefix}",
+        ]
         for vdev in vdevs:
             self.argv += ["--vdev", vdev]
-        self.argv += ["--", "-i", "--nb-cores=1", f"--forward-mode={forward_mode}",
-                      f"--total-num-mbufs={mbufs}", *app_args]
+        self.argv += [
+            "--",
+            "-i",
+            "--nb-cores=1",
+            f"--forward-mode={forward_mode}",
+            f"--total-num-mbufs={mbufs}",
+            *app_args,
+        ]
         self.cleanup_paths = cleanup_paths
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -88,17 +113,28 @@ class Testpmd:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self) -> None:
-        """Launch testpmd and wait for its first prompt; on failure stop it and raise RuntimeError."""
+        """Launch testpmd, wait for its first prompt; on failure stop it, raise RuntimeError."""
         stdbuf = shutil.which("stdbuf")
         argv = [stdbuf, "-oL", *self.argv] if stdbuf else self.argv
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, name=f"testpmd-{self.prefix}", daemon=True)
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(
+            target=self._read, name=f"testpmd-{self.prefix}", daemon=True
+        )
         self._reader.start()
         try:
             self._wait_prompt(0, self.start_timeout)
@@ -117,7 +153,7 @@ class Testpmd:
             self._cond.notify_all()
 
     def _wait_prompt(self, start: int, timeout: float) -> int:
-        """Wait for a prompt at or after byte `start`; return its offset.  RuntimeError on exit/timeout."""
+        """Wait for a prompt at/after byte `start`; its offset.  RuntimeError on exit/timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -128,11 +164,13 @@ class Testpmd:
                 left = deadline - time.monotonic()
                 if self._proc.poll() is not None or left <= 0:
                     why = "exited" if self._proc.poll() is not None else f"no prompt in {timeout}s"
-                    raise RuntimeError(f"dpdk-testpmd {why}: {' '.join(self.argv)}\n{self.output()[-3000:]}")
+                    raise RuntimeError(
+                        f"dpdk-testpmd {why}: {' '.join(self.argv)}\n{self.output()[-3000:]}"
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def command(self, text: str, timeout: float = 10.0) -> str:
-        """Send one command line; return testpmd's reply (the text before the next prompt, echo removed)."""
+        """Send one command line; return the reply (text before the next prompt, echo removed)."""
         assert self._proc is not None and self._proc.stdin is not None
         with self._cond:
             mark = len(self._buf)
@@ -175,6 +213,6 @@ class Testpmd:
             Path(path).unlink(missing_ok=True)
 
     def runtime_dirs(self) -> list[Path]:
-        """Where EAL puts this prefix's runtime files (root: /var/run/dpdk; others: XDG_RUNTIME_DIR or /tmp)."""
+        """Where EAL puts this prefix's runtime files (/var/run/dpdk as root, else XDG/tmp)."""
         bases = [Path("/var/run/dpdk"), Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "dpdk"]
         return [base / self.prefix for base in bases]
