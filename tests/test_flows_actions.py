@@ -55,8 +55,13 @@ def test_output_kinds_and_in_port_rules() -> None:
     out = run(t, pkt)
     # output:1 to the ingress port is skipped, as in OVS; IN_PORT names the port
     assert [(k, p) for k, p, _ in out] == [
-        ("output", 2), ("normal", None), ("flood", None), ("all", None), ("in_port", 1),
-        ("output", 3)]
+        ("output", 2),
+        ("normal", None),
+        ("flood", None),
+        ("all", None),
+        ("in_port", 1),
+        ("output", 3),
+    ]
     assert all(f is pkt for _, _, f in out)  # no rewrite: no copy
     assert run(t, pkt, in_port=2) == []  # table miss drops (no default rule)
     assert run(tables("actions=drop"), pkt) == []
@@ -81,10 +86,12 @@ def test_outputs_see_rewrites_in_order() -> None:
 
 # ---- resubmit ----------------------------------------------------------------------
 def test_resubmit_sees_rewrites_and_restores_in_port() -> None:
-    t = tables("table=0, in_port=1 actions=mod_vlan_vid:5,resubmit(,1),IN_PORT",
-               "table=1, dl_vlan=5 actions=output:3,resubmit(2,2)",
-               "table=2, in_port=2 actions=output:1",
-               "table=1, dl_vlan=6 actions=output:2")
+    t = tables(
+        "table=0, in_port=1 actions=mod_vlan_vid:5,resubmit(,1),IN_PORT",
+        "table=1, dl_vlan=5 actions=output:3,resubmit(2,2)",
+        "table=2, in_port=2 actions=output:1",
+        "table=1, dl_vlan=6 actions=output:2",
+    )
     out = run(t, Ether() / IP())
     assert [(k, p) for k, p, _ in out] == [("output", 3), ("output", 1), ("in_port", 1)]
     d = decide(t, extract(bytes(Ether() / IP()), 1))
@@ -109,8 +116,10 @@ def test_resubmit_loop_is_bounded_and_counted() -> None:
 
 def test_resubmit_fan_out_is_bounded() -> None:
     # each table resubmits twice to the next: 2^15 paths without the total budget
-    t = tables(*[f"table={i}, actions=resubmit(,{i + 1}),resubmit(,{i + 1})"
-                 for i in range(15)], "table=15, actions=output:2")
+    t = tables(
+        *[f"table={i}, actions=resubmit(,{i + 1}),resubmit(,{i + 1})" for i in range(15)],
+        "table=15, actions=output:2",
+    )
     d = decide(t, extract(bytes(Ether()), 1))
     assert d.overflow and d.apply(bytes(Ether())) == []
 
@@ -129,12 +138,16 @@ def test_credit_counts_every_rule_traversed() -> None:
 def test_decision_replays_on_other_frames_of_the_same_key() -> None:
     t = tables("tcp actions=mod_nw_src:192.0.2.1,mod_tp_dst:8080,output:2")
     a = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=80) / b"a")
-    b = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01" * 8, id=7)
-              / TCP(sport=1, dport=80, seq=99) / (b"payload" * 30))
+    b = bytes(
+        Ether()
+        / IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01" * 8, id=7)
+        / TCP(sport=1, dport=80, seq=99)
+        / (b"payload" * 30)
+    )
     assert extract(a, 1) == extract(b, 1)
     d = decide(t, extract(a, 1))
     for raw in (a, b):
-        ((kind, port, out),) = d.apply(raw)
+        ((_kind, port, out),) = d.apply(raw)
         p = Ether(out)
         assert (p[IP].src, p[TCP].dport, port) == ("192.0.2.1", 8080, 2)
         assert bytes(p[TCP].payload) == bytes(Ether(raw)[TCP].payload)
@@ -167,53 +180,107 @@ def test_generation_invalidates_a_cache() -> None:
 
 # ---- rewrites, verified with scapy ---------------------------------------------------
 REWRITE_CASES = [
-    ("tcp actions=mod_nw_src:192.0.2.1", Ether() / IP(src="10.0.0.1") / TCP(),
-     lambda p: p[IP].src == "192.0.2.1"),
-    ("tcp actions=mod_nw_dst:198.51.100.7",
-     Ether() / Dot1Q(vlan=3) / IP(dst="10.0.0.1", options=b"\x01" * 4) / TCP() / b"xyz",
-     lambda p: p[IP].dst == "198.51.100.7"),
-    ("udp actions=mod_nw_src:1.1.1.1", Ether() / IP() / UDP() / b"hello",
-     lambda p: p[IP].src == "1.1.1.1" and p[UDP].chksum != 0),
-    ("udp actions=mod_nw_src:1.1.1.1", Ether() / IP() / UDP(chksum=0) / b"hello",
-     lambda p: p[IP].src == "1.1.1.1" and p[UDP].chksum == 0),
-    ("icmp actions=mod_nw_dst:2.2.2.2", Ether() / IP() / ICMP() / b"ping",
-     lambda p: p[IP].dst == "2.2.2.2" and p[ICMP].chksum == ICMP(bytes(ICMP() / b"ping")).chksum),
-    ("ip actions=mod_nw_src:3.3.3.3", Ether() / IP(proto=6, frag=100) / (b"\x00" * 24),
-     lambda p: p[IP].src == "3.3.3.3" and bytes(p[IP].payload) == b"\x00" * 24),
-    ("tcp actions=mod_tp_src:4242,mod_tp_dst:443", Ether() / IP() / TCP(sport=1, dport=2),
-     lambda p: (p[TCP].sport, p[TCP].dport) == (4242, 443)),
-    ("udp actions=mod_tp_dst:5353", Ether() / IP() / UDP(dport=53) / b"q",
-     lambda p: p[UDP].dport == 5353),
-    ("tcp6 actions=mod_tp_dst:8443", Ether() / IPv6() / TCP(dport=443) / b"tls",
-     lambda p: p[TCP].dport == 8443),
-    ("udp6 actions=mod_tp_src:547", Ether() / IPv6() / UDP(sport=546) / b"dhcp",
-     lambda p: p[UDP].sport == 547),
-    ("actions=mod_dl_src:02:aa:bb:cc:dd:ee,mod_dl_dst:ff:ff:ff:ff:ff:ff",
-     Ether(src=SRC, dst=DST) / IP() / TCP(),
-     lambda p: (p.src, p.dst) == ("02:aa:bb:cc:dd:ee", "ff:ff:ff:ff:ff:ff")),
-    ("actions=mod_vlan_vid:42", Ether() / IP() / TCP(),
-     lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio, p.type) == (42, 0, 0x8100) and IP in p),
-    ("actions=mod_vlan_vid:42", Ether() / Dot1Q(vlan=7, prio=5) / IP() / TCP(),
-     lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (42, 5)),
-    ("actions=mod_vlan_pcp:6", Ether() / Dot1Q(vlan=7, prio=1) / IP(),
-     lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (7, 6)),
-    ("actions=mod_vlan_pcp:6", Ether() / IP(),
-     lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (0, 6)),
-    ("actions=strip_vlan", Ether() / Dot1Q(vlan=7) / IP() / TCP(),
-     lambda p: Dot1Q not in p and p.type == 0x0800 and TCP in p),
+    (
+        "tcp actions=mod_nw_src:192.0.2.1",
+        Ether() / IP(src="10.0.0.1") / TCP(),
+        lambda p: p[IP].src == "192.0.2.1",
+    ),
+    (
+        "tcp actions=mod_nw_dst:198.51.100.7",
+        Ether() / Dot1Q(vlan=3) / IP(dst="10.0.0.1", options=b"\x01" * 4) / TCP() / b"xyz",
+        lambda p: p[IP].dst == "198.51.100.7",
+    ),
+    (
+        "udp actions=mod_nw_src:1.1.1.1",
+        Ether() / IP() / UDP() / b"hello",
+        lambda p: p[IP].src == "1.1.1.1" and p[UDP].chksum != 0,
+    ),
+    (
+        "udp actions=mod_nw_src:1.1.1.1",
+        Ether() / IP() / UDP(chksum=0) / b"hello",
+        lambda p: p[IP].src == "1.1.1.1" and p[UDP].chksum == 0,
+    ),
+    (
+        "icmp actions=mod_nw_dst:2.2.2.2",
+        Ether() / IP() / ICMP() / b"ping",
+        lambda p: p[IP].dst == "2.2.2.2" and p[ICMP].chksum == ICMP(bytes(ICMP() / b"ping")).chksum,
+    ),
+    (
+        "ip actions=mod_nw_src:3.3.3.3",
+        Ether() / IP(proto=6, frag=100) / (b"\x00" * 24),
+        lambda p: p[IP].src == "3.3.3.3" and bytes(p[IP].payload) == b"\x00" * 24,
+    ),
+    (
+        "tcp actions=mod_tp_src:4242,mod_tp_dst:443",
+        Ether() / IP() / TCP(sport=1, dport=2),
+        lambda p: (p[TCP].sport, p[TCP].dport) == (4242, 443),
+    ),
+    (
+        "udp actions=mod_tp_dst:5353",
+        Ether() / IP() / UDP(dport=53) / b"q",
+        lambda p: p[UDP].dport == 5353,
+    ),
+    (
+        "tcp6 actions=mod_tp_dst:8443",
+        Ether() / IPv6() / TCP(dport=443) / b"tls",
+        lambda p: p[TCP].dport == 8443,
+    ),
+    (
+        "udp6 actions=mod_tp_src:547",
+        Ether() / IPv6() / UDP(sport=546) / b"dhcp",
+        lambda p: p[UDP].sport == 547,
+    ),
+    (
+        "actions=mod_dl_src:02:aa:bb:cc:dd:ee,mod_dl_dst:ff:ff:ff:ff:ff:ff",
+        Ether(src=SRC, dst=DST) / IP() / TCP(),
+        lambda p: (p.src, p.dst) == ("02:aa:bb:cc:dd:ee", "ff:ff:ff:ff:ff:ff"),
+    ),
+    (
+        "actions=mod_vlan_vid:42",
+        Ether() / IP() / TCP(),
+        lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio, p.type) == (42, 0, 0x8100) and IP in p,
+    ),
+    (
+        "actions=mod_vlan_vid:42",
+        Ether() / Dot1Q(vlan=7, prio=5) / IP() / TCP(),
+        lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (42, 5),
+    ),
+    (
+        "actions=mod_vlan_pcp:6",
+        Ether() / Dot1Q(vlan=7, prio=1) / IP(),
+        lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (7, 6),
+    ),
+    ("actions=mod_vlan_pcp:6", Ether() / IP(), lambda p: (p[Dot1Q].vlan, p[Dot1Q].prio) == (0, 6)),
+    (
+        "actions=strip_vlan",
+        Ether() / Dot1Q(vlan=7) / IP() / TCP(),
+        lambda p: Dot1Q not in p and p.type == 0x0800 and TCP in p,
+    ),
     ("actions=strip_vlan", Ether() / IP() / TCP(), lambda p: Dot1Q not in p and TCP in p),
-    ("actions=push_vlan:0x8100", Ether() / IP(),
-     lambda p: p.type == 0x8100 and p[Dot1Q].vlan == 0 and p[Dot1Q].type == 0x0800),
-    ("actions=push_vlan:0x88a8", Ether() / Dot1Q(vlan=9, prio=2) / IP(),
-     lambda p: p.type == 0x88A8 and (p.payload.vlan, p.payload.prio) == (9, 2)
-     and p.payload.type == 0x8100 and p[Dot1Q].vlan == 9),
-    ("actions=strip_vlan,push_vlan:0x8100,mod_vlan_vid:100", Ether() / Dot1Q(vlan=9) / IP(),
-     lambda p: p[Dot1Q].vlan == 100 and p[Dot1Q].type == 0x0800),
+    (
+        "actions=push_vlan:0x8100",
+        Ether() / IP(),
+        lambda p: p.type == 0x8100 and p[Dot1Q].vlan == 0 and p[Dot1Q].type == 0x0800,
+    ),
+    (
+        "actions=push_vlan:0x88a8",
+        Ether() / Dot1Q(vlan=9, prio=2) / IP(),
+        lambda p: (
+            p.type == 0x88A8
+            and (p.payload.vlan, p.payload.prio) == (9, 2)
+            and p.payload.type == 0x8100
+            and p[Dot1Q].vlan == 9
+        ),
+    ),
+    (
+        "actions=strip_vlan,push_vlan:0x8100,mod_vlan_vid:100",
+        Ether() / Dot1Q(vlan=9) / IP(),
+        lambda p: p[Dot1Q].vlan == 100 and p[Dot1Q].type == 0x0800,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("flow", "pkt", "check"), REWRITE_CASES,
-                         ids=[c[0] for c in REWRITE_CASES])
+@pytest.mark.parametrize(("flow", "pkt", "check"), REWRITE_CASES, ids=[c[0] for c in REWRITE_CASES])
 def test_rewrite(flow: str, pkt: Packet, check) -> None:
     t = tables(flow + ",output:2")
     raw = bytes(pkt)
@@ -226,7 +293,7 @@ def test_rewrite(flow: str, pkt: Packet, check) -> None:
 
 def test_truncated_frames_are_left_alone() -> None:
     t = tables("tcp actions=mod_tp_dst:1,mod_nw_src:1.2.3.4,output:2")
-    raw = bytes(Ether() / IP() / TCP())[:14 + 20 + 10]  # TCP header cut short
+    raw = bytes(Ether() / IP() / TCP())[: 14 + 20 + 10]  # TCP header cut short
     ((_, _, out),) = run(t, raw)
     assert len(out) == len(raw) and out[14 + 20 :] == raw[14 + 20 :]
     assert Ether(out)[IP].src == "1.2.3.4" and checksums_ok(out[: 14 + 20])
@@ -238,10 +305,17 @@ def test_csum_adjust_matches_rfc1624_example() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(src=st.ip_addresses(v=4), new=st.ip_addresses(v=4), sport=st.integers(0, 65535),
-       nport=st.integers(0, 65535), payload=st.binary(max_size=40), udp=st.booleans())
-def test_rewrite_checksums_property(src, new, sport: int, nport: int, payload: bytes,
-                                    udp: bool) -> None:
+@given(
+    src=st.ip_addresses(v=4),
+    new=st.ip_addresses(v=4),
+    sport=st.integers(0, 65535),
+    nport=st.integers(0, 65535),
+    payload=st.binary(max_size=40),
+    udp=st.booleans(),
+)
+def test_rewrite_checksums_property(
+    src, new, sport: int, nport: int, payload: bytes, udp: bool
+) -> None:
     proto, l4 = ("udp", UDP(sport=sport)) if udp else ("tcp", TCP(sport=sport))
     t = tables(f"{proto} actions=mod_nw_src:{new},mod_tp_src:{nport},output:2")
     ((_, _, out),) = run(t, Ether() / IP(src=str(src)) / l4 / Raw(payload))
@@ -260,8 +334,11 @@ def test_decision_properties() -> None:
 
 def test_checksum_oracle_detects_corruption() -> None:
     """Guard against a vacuous oracle: a wrong checksum must be caught."""
-    for pkt, at in ((Ether() / IP() / TCP(), 14 + 20 + 16), (Ether() / IP() / UDP(), 14 + 20 + 6),
-                    (Ether() / IP() / TCP(), 14 + 10)):
+    for pkt, at in (
+        (Ether() / IP() / TCP(), 14 + 20 + 16),
+        (Ether() / IP() / UDP(), 14 + 20 + 6),
+        (Ether() / IP() / TCP(), 14 + 10),
+    ):
         raw = bytearray(bytes(pkt))
         assert checksums_ok(bytes(raw))
         raw[at] ^= 0x01

@@ -7,7 +7,15 @@ import pytest
 
 from pyswitch.flows.format import format_flow, format_match
 from pyswitch.flows.model import (
-    DL_TYPE, DL_VLAN, IN_PORT, NW_PROTO, NW_SRC, TP_DST, Action, FlowSyntaxError, PortNames,
+    DL_TYPE,
+    DL_VLAN,
+    IN_PORT,
+    NW_PROTO,
+    NW_SRC,
+    TP_DST,
+    Action,
+    FlowSyntaxError,
+    PortNames,
 )
 from pyswitch.flows.parse import parse_filter, parse_flow
 
@@ -56,10 +64,12 @@ CANONICAL = [
     "cookie=0x1f, actions=drop",
     "table=3, priority=10 actions=drop",
     "idle_timeout=30, hard_timeout=600, priority=5,in_port=tap0 actions=output:vhu1",
-    "cookie=0xffffffffffffffff, table=254, idle_timeout=65535, hard_timeout=1, "
-    "priority=65535,tcp,in_port=vhu1,dl_vlan=5,dl_vlan_pcp=1,dl_src=02:00:00:00:00:01,"
-    "dl_dst=02:00:00:00:00:02,nw_src=1.2.3.4,nw_dst=5.6.7.0/24,nw_tos=8,tp_src=1,tp_dst=2 "
-    "actions=mod_vlan_vid:6,mod_nw_dst:9.9.9.9,output:vhu2,NORMAL",
+    (
+        "cookie=0xffffffffffffffff, table=254, idle_timeout=65535, hard_timeout=1, "
+        "priority=65535,tcp,in_port=vhu1,dl_vlan=5,dl_vlan_pcp=1,dl_src=02:00:00:00:00:01,"
+        "dl_dst=02:00:00:00:00:02,nw_src=1.2.3.4,nw_dst=5.6.7.0/24,nw_tos=8,tp_src=1,tp_dst=2 "
+        "actions=mod_vlan_vid:6,mod_nw_dst:9.9.9.9,output:vhu2,NORMAL"
+    ),
 ]
 
 
@@ -74,10 +84,14 @@ def test_canonical_round_trip(text: str) -> None:
 
 # Non-canonical spellings and the canonical form each must print as.
 EQUIVALENT = [
-    ("in_port=vhu1,priority=100,actions=output:vhu2",
-     "priority=100,in_port=vhu1 actions=output:vhu2"),
-    ("priority=100 in_port=vhu1 actions=output:vhu2",
-     "priority=100,in_port=vhu1 actions=output:vhu2"),
+    (
+        "in_port=vhu1,priority=100,actions=output:vhu2",
+        "priority=100,in_port=vhu1 actions=output:vhu2",
+    ),
+    (
+        "priority=100 in_port=vhu1 actions=output:vhu2",
+        "priority=100,in_port=vhu1 actions=output:vhu2",
+    ),
     ("in_port:vhu1, actions=output:vhu2", "in_port=vhu1 actions=output:vhu2"),
     ("nw_src=10.0.0.1,ip actions=drop", "ip,nw_src=10.0.0.1 actions=drop"),
     ("dl_type=0x0800,nw_proto=6 actions=drop", "tcp actions=drop"),
@@ -110,8 +124,10 @@ def test_equivalent_spellings(text: str, canonical: str) -> None:
 
 
 def test_parsed_values() -> None:
-    f = parse_flow("priority=7,tcp,in_port=tap0,nw_src=10.1.0.0/16,tp_dst=22 "
-                   "actions=output:vhu2,resubmit(,4)", PORTS)
+    f = parse_flow(
+        "priority=7,tcp,in_port=tap0,nw_src=10.1.0.0/16,tp_dst=22 actions=output:vhu2,resubmit(,4)",
+        PORTS,
+    )
     assert f.priority == 7 and f.table == 0 and f.cookie == 0
     assert f.match.get(IN_PORT) == (7, 0xFFFF)
     assert f.match.get(DL_TYPE) == (0x0800, 0xFFFF)
@@ -123,42 +139,69 @@ def test_parsed_values() -> None:
 
 
 ERRORS = [
-    ("in_port=1,ip,nw_src=10.0.0.300 actions=drop",
-     "nw_src=10.0.0.300: not an IPv4 address (at column 14)"),
-    ("ip,nw_dst=10.0.0.1/33 actions=drop",
-     "nw_dst=10.0.0.1/33: prefix length out of range (0..32) (at column 4)"),
-    ("ipv6,ipv6_src=2001:db8::zz actions=drop",
-     "ipv6_src=2001:db8::zz: not an IPv6 address (at column 6)"),
-    ("dl_src=02:00:00:00:00 actions=drop",
-     "dl_src=02:00:00:00:00: not an Ethernet address (want xx:xx:xx:xx:xx:xx) (at column 1)"),
+    (
+        "in_port=1,ip,nw_src=10.0.0.300 actions=drop",
+        "nw_src=10.0.0.300: not an IPv4 address (at column 14)",
+    ),
+    (
+        "ip,nw_dst=10.0.0.1/33 actions=drop",
+        "nw_dst=10.0.0.1/33: prefix length out of range (0..32) (at column 4)",
+    ),
+    (
+        "ipv6,ipv6_src=2001:db8::zz actions=drop",
+        "ipv6_src=2001:db8::zz: not an IPv6 address (at column 6)",
+    ),
+    (
+        "dl_src=02:00:00:00:00 actions=drop",
+        "dl_src=02:00:00:00:00: not an Ethernet address (want xx:xx:xx:xx:xx:xx) (at column 1)",
+    ),
     ("priority=70000 actions=drop", "priority=70000: out of range (0..65535) (at column 1)"),
     ("priority=abc actions=drop", "priority=abc: not a number (at column 1)"),
-    ("dl_vlan=4096 actions=drop",
-     "dl_vlan=4096: VLAN id out of range (0..4095, or 0xffff for untagged) (at column 1)"),
+    (
+        "dl_vlan=4096 actions=drop",
+        "dl_vlan=4096: VLAN id out of range (0..4095, or 0xffff for untagged) (at column 1)",
+    ),
     ("dl_vlan_pcp=8 actions=drop", "dl_vlan_pcp=8: out of range (0..7) (at column 1)"),
-    ("ip,nw_tos=5 actions=drop",
-     "nw_tos=5: must be a multiple of 4 (the DSCP bits of the TOS byte) (at column 4)"),
+    (
+        "ip,nw_tos=5 actions=drop",
+        "nw_tos=5: must be a multiple of 4 (the DSCP bits of the TOS byte) (at column 4)",
+    ),
     ("in_port=nosuch actions=drop", "in_port=nosuch: no such port 'nosuch' (at column 1)"),
     ("bogus=1 actions=drop", "bogus=1: unknown field 'bogus' (at column 1)"),
-    ("tcpp actions=drop",
-     "tcpp: unknown field or protocol (expected field=value) (at column 1)"),
+    ("tcpp actions=drop", "tcpp: unknown field or protocol (expected field=value) (at column 1)"),
     ("in_port= actions=drop", "in_port=: missing value (at column 1)"),
     ("priority=1", "actions: missing: a flow needs actions=... (at column 11)"),
-    ("nw_src=10.0.0.1 actions=drop",
-     "nw_src=10.0.0.1: needs 'ip' or 'arp' in the match too (OVS prerequisite) (at column 1)"),
-    ("ipv6,nw_src=10.0.0.1 actions=drop",
-     "nw_src=10.0.0.1: needs 'ip' or 'arp' in the match too (OVS prerequisite) (at column 6)"),
-    ("ip,arp_spa=10.0.0.1 actions=drop",
-     "arp_spa=10.0.0.1: needs 'arp' in the match too (OVS prerequisite) (at column 4)"),
-    ("ip,tp_dst=80 actions=drop",
-     "tp_dst=80: needs 'tcp', 'udp' or 'sctp' (or their IPv6 forms) in the match too "
-     "(OVS prerequisite) (at column 4)"),
-    ("tcp,icmp_type=8 actions=drop",
-     "icmp_type=8: needs 'icmp' or 'icmp6' in the match too (OVS prerequisite) (at column 5)"),
-    ("ip,ipv6_dst=::1 actions=drop",
-     "ipv6_dst=::1: needs 'ipv6' in the match too (OVS prerequisite) (at column 4)"),
-    ("nw_tos=4 actions=drop",
-     "nw_tos=4: needs 'ip' or 'ipv6' in the match too (OVS prerequisite) (at column 1)"),
+    (
+        "nw_src=10.0.0.1 actions=drop",
+        "nw_src=10.0.0.1: needs 'ip' or 'arp' in the match too (OVS prerequisite) (at column 1)",
+    ),
+    (
+        "ipv6,nw_src=10.0.0.1 actions=drop",
+        "nw_src=10.0.0.1: needs 'ip' or 'arp' in the match too (OVS prerequisite) (at column 6)",
+    ),
+    (
+        "ip,arp_spa=10.0.0.1 actions=drop",
+        "arp_spa=10.0.0.1: needs 'arp' in the match too (OVS prerequisite) (at column 4)",
+    ),
+    (
+        "ip,tp_dst=80 actions=drop",
+        (
+            "tp_dst=80: needs 'tcp', 'udp' or 'sctp' (or their IPv6 forms) in the match too "
+            "(OVS prerequisite) (at column 4)"
+        ),
+    ),
+    (
+        "tcp,icmp_type=8 actions=drop",
+        "icmp_type=8: needs 'icmp' or 'icmp6' in the match too (OVS prerequisite) (at column 5)",
+    ),
+    (
+        "ip,ipv6_dst=::1 actions=drop",
+        "ipv6_dst=::1: needs 'ipv6' in the match too (OVS prerequisite) (at column 4)",
+    ),
+    (
+        "nw_tos=4 actions=drop",
+        "nw_tos=4: needs 'ip' or 'ipv6' in the match too (OVS prerequisite) (at column 1)",
+    ),
     ("tcp,udp actions=drop", "udp: conflicts with earlier 'tcp' (at column 5)"),
     ("ip,dl_type=0x86dd actions=drop", "dl_type=0x86dd: conflicts with earlier 'ip' (at column 4)"),
     ("actions=output:nosuch", "output:nosuch: no such port 'nosuch' (at column 9)"),
@@ -168,25 +211,44 @@ ERRORS = [
     ("actions=normal:1", "normal:1: normal takes no argument (at column 9)"),
     ("actions=output:1,drop", "drop: drop must be the only action (at column 18)"),
     ("actions=mod_vlan_vid:5000", "mod_vlan_vid:5000: out of range (0..4095) (at column 9)"),
-    ("actions=push_vlan:0x0800", "push_vlan:0x0800: push_vlan takes 0x8100 or 0x88a8 (at column 9)"),
+    (
+        "actions=push_vlan:0x0800",
+        "push_vlan:0x0800: push_vlan takes 0x8100 or 0x88a8 (at column 9)",
+    ),
     ("actions=resubmit(,255)", "resubmit(,255): out of range (0..254) (at column 9)"),
     ("actions=resubmit(,)", "resubmit(,): resubmit needs a port or a table (at column 9)"),
-    ("actions=resubmit(1,2", "resubmit(1,2: expected resubmit(PORT,TABLE) or resubmit:PORT "
-     "(at column 9)"),
-    ("priority=5 actions=mod_nw_src:1.2.3.4",
-     "mod_nw_src:1.2.3.4: needs 'ip' in the match too (OVS prerequisite) (at column 20)"),
-    ("ipv6 actions=mod_nw_dst:1.2.3.4",
-     "mod_nw_dst:1.2.3.4: needs 'ip' in the match too (OVS prerequisite) (at column 14)"),
-    ("ip actions=mod_tp_dst:80",
-     "mod_tp_dst:80: needs 'tcp' or 'udp' in the match too (OVS prerequisite) (at column 12)"),
-    ("tcp actions=mod_nw_src:1.2.3.999",
-     "mod_nw_src:1.2.3.999: not an IPv4 address (at column 13)"),
-    ("cookie=1/0xff actions=drop",
-     "cookie=1/0xff: a cookie mask is only for mod-flows/del-flows/dump-flows (at column 1)"),
-    ("table=255 actions=drop",
-     "table=255: table 255 means 'all tables' and cannot hold a flow (at column 1)"),
-    ("out_port=1 actions=drop",
-     "out_port=1: out_port is only for mod-flows/del-flows/dump-flows (at column 1)"),
+    (
+        "actions=resubmit(1,2",
+        ("resubmit(1,2: expected resubmit(PORT,TABLE) or resubmit:PORT (at column 9)"),
+    ),
+    (
+        "priority=5 actions=mod_nw_src:1.2.3.4",
+        "mod_nw_src:1.2.3.4: needs 'ip' in the match too (OVS prerequisite) (at column 20)",
+    ),
+    (
+        "ipv6 actions=mod_nw_dst:1.2.3.4",
+        "mod_nw_dst:1.2.3.4: needs 'ip' in the match too (OVS prerequisite) (at column 14)",
+    ),
+    (
+        "ip actions=mod_tp_dst:80",
+        "mod_tp_dst:80: needs 'tcp' or 'udp' in the match too (OVS prerequisite) (at column 12)",
+    ),
+    (
+        "tcp actions=mod_nw_src:1.2.3.999",
+        "mod_nw_src:1.2.3.999: not an IPv4 address (at column 13)",
+    ),
+    (
+        "cookie=1/0xff actions=drop",
+        "cookie=1/0xff: a cookie mask is only for mod-flows/del-flows/dump-flows (at column 1)",
+    ),
+    (
+        "table=255 actions=drop",
+        "table=255: table 255 means 'all tables' and cannot hold a flow (at column 1)",
+    ),
+    (
+        "out_port=1 actions=drop",
+        "out_port=1: out_port is only for mod-flows/del-flows/dump-flows (at column 1)",
+    ),
     ("actions", "actions: expected actions=... (at column 1)"),
 ]
 

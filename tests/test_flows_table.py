@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pyswitch.flows.format import entry_to_dict, format_dump_line, format_duration
 from pyswitch.flows.key import FlowKey
 from pyswitch.flows.model import FULL_MASK, Action, Flow, FlowFilter, Match, PortNames
-from pyswitch.flows.parse import parse_filter, parse_flow
+from pyswitch.flows.parse import parse_flow
 from pyswitch.flows.table import FlowEntry, FlowTables, install_default
 
 PORTS = PortNames.from_dict({"vhu1": 1, "vhu2": 2, "vhu3": 3})
@@ -35,11 +35,13 @@ def tcp_key(in_port: int = 1, dst: int = 80) -> FlowKey:
     return FlowKey(in_port, 1, 2, 0x0800, None, None, 0x0A000001, 0x0A000002, 6, 0, 999, dst)
 
 
-_FIVE = ("cookie=0x11, priority=10,tcp,in_port=1 actions=output:2",
-         "cookie=0x12, priority=20,tcp actions=output:3",
-         "cookie=0x21, priority=30,in_port=1 actions=output:3",
-         "cookie=0x22, table=1, priority=10,in_port=1 actions=output:2",
-         "priority=0 actions=NORMAL")
+_FIVE = (
+    "cookie=0x11, priority=10,tcp,in_port=1 actions=output:2",
+    "cookie=0x12, priority=20,tcp actions=output:3",
+    "cookie=0x21, priority=30,in_port=1 actions=output:3",
+    "cookie=0x22, table=1, priority=10,in_port=1 actions=output:2",
+    "priority=0 actions=NORMAL",
+)
 
 
 # ---- add / replace / modify / delete --------------------------------------------------
@@ -60,8 +62,11 @@ def test_add_replaces_identical_match_and_priority() -> None:
 
 
 def test_modify_keeps_counters_and_respects_strictness() -> None:
-    t = tables("priority=10,tcp,in_port=1 actions=output:2",
-               "priority=20,tcp actions=output:3", "priority=5,udp actions=NORMAL")
+    t = tables(
+        "priority=10,tcp,in_port=1 actions=output:2",
+        "priority=20,tcp actions=output:3",
+        "priority=5,udp actions=NORMAL",
+    )
     e = t.lookup(tcp_key())
     assert e is not None and e.flow.priority == 20
     e.credit(2, 100, 1.0)
@@ -97,11 +102,14 @@ def test_delete_non_strict_strict_cookie_out_port() -> None:
     assert t.del_flows() == [] and t.generation == gen + 1
 
 
-
 def test_non_strict_masks_cover_only_narrower_rules() -> None:
-    t = tables("ip,nw_src=10.0.0.0/8 actions=drop", "ip,nw_src=10.1.0.0/16 actions=drop",
-               "ip,nw_src=11.0.0.0/16 actions=drop", "vlan_tci=0x0000 actions=drop",
-               "dl_vlan=3 actions=drop")
+    t = tables(
+        "ip,nw_src=10.0.0.0/8 actions=drop",
+        "ip,nw_src=10.1.0.0/16 actions=drop",
+        "ip,nw_src=11.0.0.0/16 actions=drop",
+        "vlan_tci=0x0000 actions=drop",
+        "dl_vlan=3 actions=drop",
+    )
     assert len(t.del_flows("ip,nw_src=10.0.0.0/8")) == 2
     assert len(t.del_flows("vlan_tci=0x0000")) == 1
     assert len(t) == 2
@@ -114,14 +122,20 @@ def test_table_range_and_default_rule() -> None:
     assert t.lookup(tcp_key()) is None  # secure mode: empty, a miss
     e = install_default(t, 0.0)
     assert t.lookup(tcp_key()) is e and t.lookup(FlowKey(9)) is e
-    assert t.dump_flows(0.0) == [" cookie=0x0, duration=0s, table=0, n_packets=0, n_bytes=0, "
-                                 "idle_age=0, priority=0 actions=NORMAL"]
+    assert t.dump_flows(0.0) == [
+        (
+            " cookie=0x0, duration=0s, table=0, n_packets=0, n_bytes=0, "
+            "idle_age=0, priority=0 actions=NORMAL"
+        )
+    ]
 
 
 def test_lookup_priority_then_first_added() -> None:
-    t = tables("priority=5,in_port=1 actions=output:2",
-               "priority=5,tcp actions=output:3",
-               "priority=5,tcp,tp_dst=80 actions=NORMAL")
+    t = tables(
+        "priority=5,in_port=1 actions=output:2",
+        "priority=5,tcp actions=output:3",
+        "priority=5,tcp,tp_dst=80 actions=NORMAL",
+    )
     assert t.lookup(tcp_key()).flow.actions == (Action("output", 2),)  # added first
     t.add_flow("priority=6,tcp,tp_dst=80 actions=FLOOD", 1.0)
     assert t.lookup(tcp_key()).flow.actions == (Action("flood"),)
@@ -139,9 +153,10 @@ def reference_lookup(t: FlowTables, key: FlowKey, table: int = 0) -> FlowEntry |
     """Every rule tested in turn; highest priority, then lowest seq."""
     best = None
     for e in t:
-        if e.flow.table == table and e.flow.match.matches(key):
-            if best is None or (e.flow.priority, -e.seq) > (best.flow.priority, -best.seq):
-                best = e
+        if e.flow.table != table or not e.flow.match.matches(key):
+            continue
+        if best is None or (e.flow.priority, -e.seq) > (best.flow.priority, -best.seq):
+            best = e
     return best
 
 
@@ -155,34 +170,57 @@ def conditions(draw: st.DrawFn) -> Match:
     if draw(st.booleans()):
         conds[0] = (draw(st.sampled_from([1, 2, 3])), 0xFFFF)
     if draw(st.booleans()):
-        conds[1] = (draw(st.sampled_from(MACS)),
-                    draw(st.sampled_from([FULL_MASK[1], 0xFF0000000000, 0x010000000000])))
+        conds[1] = (
+            draw(st.sampled_from(MACS)),
+            draw(st.sampled_from([FULL_MASK[1], 0xFF0000000000, 0x010000000000])),
+        )
     if draw(st.booleans()):
         conds[3] = (draw(st.sampled_from([0x0800, 0x0806, 0x86DD])), 0xFFFF)
     if draw(st.booleans()):
         conds[4] = (draw(st.sampled_from([None, 1, 2])), 0xFFF)
     if draw(st.booleans()):
-        conds[6] = (draw(st.sampled_from(IPS)),
-                    draw(st.sampled_from([0xFFFFFFFF, 0xFFFFFF00, 0xFF000000])))
+        conds[6] = (
+            draw(st.sampled_from(IPS)),
+            draw(st.sampled_from([0xFFFFFFFF, 0xFFFFFF00, 0xFF000000])),
+        )
     if draw(st.booleans()):
-        conds[11] = (draw(st.sampled_from([80, 443, 0x50])),
-                     draw(st.sampled_from([0xFFFF, 0xFF00])))
+        conds[11] = (
+            draw(st.sampled_from([80, 443, 0x50])),
+            draw(st.sampled_from([0xFFFF, 0xFF00])),
+        )
     return Match.of(conds)
 
 
 keys = st.builds(
     lambda port, src, dtype, vlan, nw, tp: FlowKey(
-        port, src, 0, dtype, vlan, None if vlan is None else 0,
-        nw if dtype in (0x0800, 0x0806) else None, None, None, None, None,
-        tp if dtype == 0x0800 else None),
-    st.sampled_from([1, 2, 3]), st.sampled_from(MACS),
-    st.sampled_from([0x0800, 0x0806, 0x86DD, None]), st.sampled_from([None, 1, 2]),
-    st.sampled_from(IPS + [0x0A0000FF]), st.sampled_from([80, 443, 81, 0x5050]))
+        port,
+        src,
+        0,
+        dtype,
+        vlan,
+        None if vlan is None else 0,
+        nw if dtype in (0x0800, 0x0806) else None,
+        None,
+        None,
+        None,
+        None,
+        tp if dtype == 0x0800 else None,
+    ),
+    st.sampled_from([1, 2, 3]),
+    st.sampled_from(MACS),
+    st.sampled_from([0x0800, 0x0806, 0x86DD, None]),
+    st.sampled_from([None, 1, 2]),
+    st.sampled_from(IPS + [0x0A0000FF]),
+    st.sampled_from([80, 443, 81, 0x5050]),
+)
 
 
 @settings(max_examples=250, deadline=None)
-@given(st.lists(st.tuples(conditions(), st.integers(0, 3), st.integers(0, 1)), max_size=25),
-       st.lists(st.integers(0, 30), max_size=6), st.lists(keys, min_size=1, max_size=15))
+@given(
+    st.lists(st.tuples(conditions(), st.integers(0, 3), st.integers(0, 1)), max_size=25),
+    st.lists(st.integers(0, 30), max_size=6),
+    st.lists(keys, min_size=1, max_size=15),
+)
 def test_classifier_matches_brute_force(rules: list, deletions: list, probe: list) -> None:
     t = FlowTables(n_tables=2)
     for i, (match, prio, table) in enumerate(rules):
@@ -199,10 +237,12 @@ def test_classifier_matches_brute_force(rules: list, deletions: list, probe: lis
 
 # ---- timeouts on a manual clock -------------------------------------------------------
 def test_idle_and_hard_timeouts() -> None:
-    t = tables("idle_timeout=10, in_port=1 actions=output:2",
-               "hard_timeout=30, in_port=2 actions=output:1",
-               "idle_timeout=10, hard_timeout=15, in_port=3 actions=drop",
-               "in_port=4 actions=drop")
+    t = tables(
+        "idle_timeout=10, in_port=1 actions=output:2",
+        "hard_timeout=30, in_port=2 actions=output:1",
+        "idle_timeout=10, hard_timeout=15, in_port=3 actions=drop",
+        "in_port=4 actions=drop",
+    )
     idle, hard, both, forever = t.entries()
     assert t.expire(9.9) == []
     idle.credit(1, 60, 9.0)  # traffic refreshes the idle clock
@@ -225,33 +265,49 @@ def test_dump_line_shape() -> None:
     e = t.entries()[0]
     e.credit(5, 420, 0.0)
     line = format_dump_line(e, 1.2, PORTS)
-    assert line == (" cookie=0x0, duration=1.200s, table=0, n_packets=5, n_bytes=420, "
-                    "idle_age=1, priority=100,in_port=vhu1 actions=output:vhu2")
-    t = tables("cookie=0xab, table=2, idle_timeout=60, hard_timeout=300, tcp,tp_dst=22 "
-               "actions=drop", now=100.0)
+    assert line == (
+        " cookie=0x0, duration=1.200s, table=0, n_packets=5, n_bytes=420, "
+        "idle_age=1, priority=100,in_port=vhu1 actions=output:vhu2"
+    )
+    t = tables(
+        "cookie=0xab, table=2, idle_timeout=60, hard_timeout=300, tcp,tp_dst=22 actions=drop",
+        now=100.0,
+    )
     e = t.entries()[0]
     e.credit(1, 64, 101.5)
     t.mod_flows("tcp actions=NORMAL", now=104.0)
     assert t.dump_flows(110.25) == [
-        " cookie=0xab, duration=10.250s, table=2, n_packets=1, n_bytes=64, idle_timeout=60, "
-        "hard_timeout=300, idle_age=8, hard_age=6, tcp,tp_dst=22 actions=NORMAL"]
+        (
+            " cookie=0xab, duration=10.250s, table=2, n_packets=1, n_bytes=64, idle_timeout=60, "
+            "hard_timeout=300, idle_age=8, hard_age=6, tcp,tp_dst=22 actions=NORMAL"
+        )
+    ]
     assert format_duration(3.0) == "3s" and format_duration(0.0014) == "0.001s"
     assert format_duration(59.9996) == "60s"
 
 
 def test_dump_order_and_filter() -> None:
-    t = tables("table=1, priority=5 actions=drop", "priority=1 actions=drop",
-               "priority=9,in_port=1 actions=output:2", "priority=1,in_port=2 actions=drop")
+    t = tables(
+        "table=1, priority=5 actions=drop",
+        "priority=1 actions=drop",
+        "priority=9,in_port=1 actions=output:2",
+        "priority=1,in_port=2 actions=drop",
+    )
     assert [l.split(", ", 6)[-1] for l in t.dump_flows(0.0)] == [
-        "priority=9,in_port=vhu1 actions=output:vhu2", "priority=1 actions=drop",
-        "priority=1,in_port=vhu2 actions=drop", "priority=5 actions=drop"]
+        "priority=9,in_port=vhu1 actions=output:vhu2",
+        "priority=1 actions=drop",
+        "priority=1,in_port=vhu2 actions=drop",
+        "priority=5 actions=drop",
+    ]
     assert len(t.dump_flows(0.0, "table=1")) == 1
     assert len(t.dump_flows(0.0, "out_port=vhu2")) == 1
 
 
 def test_json_form() -> None:
-    t = tables("cookie=0x7, priority=100,tcp,in_port=vhu1,nw_src=10.0.0.0/24 "
-               "actions=mod_tp_dst:8080,output:vhu2")
+    t = tables(
+        "cookie=0x7, priority=100,tcp,in_port=vhu1,nw_src=10.0.0.0/24 "
+        "actions=mod_tp_dst:8080,output:vhu2"
+    )
     d = entry_to_dict(t.entries()[0], 2.5, PORTS)
     assert json.loads(json.dumps(d)) == d
     assert d["match"] == {"tcp": True, "in_port": "vhu1", "nw_src": "10.0.0.0/24"}

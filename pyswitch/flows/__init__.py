@@ -19,8 +19,24 @@ from .parse import parse_filter, parse_flow
 from .table import FlowEntry, FlowTables, install_default
 
 __all__ = [
-    "Action", "Decision", "Flow", "FlowEntry", "FlowFilter", "FlowKey", "FlowSyntaxError",
-    "FlowTables", "Match", "PortNames", "decide", "entry_to_dict", "execute", "extract",
-    "format_dump_line", "format_flow", "format_match", "install_default", "parse_filter",
+    "Action",
+    "Decision",
+    "Flow",
+    "FlowEntry",
+    "FlowFilter",
+    "FlowKey",
+    "FlowSyntaxError",
+    "FlowTables",
+    "Match",
+    "PortNames",
+    "decide",
+    "entry_to_dict",
+    "execute",
+    "extract",
+    "format_dump_line",
+    "format_flow",
+    "format_match",
+    "install_default",
+    "parse_filter",
     "parse_flow",
 ]

@@ -37,8 +37,21 @@ from typing import Any
 
 from .key import FlowKey
 from .model import (
-    DL_SRC, DL_DST, DL_TYPE, DL_VLAN, DL_VLAN_PCP, ETH_TYPE_IP, IN_PORT, NW_DST, NW_PROTO,
-    NW_SRC, TP_DST, TP_SRC, Action, IPPROTO_TCP, IPPROTO_UDP,
+    DL_DST,
+    DL_SRC,
+    DL_TYPE,
+    DL_VLAN,
+    DL_VLAN_PCP,
+    ETH_TYPE_IP,
+    IN_PORT,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    NW_DST,
+    NW_PROTO,
+    NW_SRC,
+    TP_DST,
+    TP_SRC,
+    Action,
 )
 from .rewrite import REWRITES
 from .table import FlowEntry, FlowTables
@@ -128,8 +141,7 @@ class _Translation:
             self.ops.append((kind, arg))
             _update_key(k, kind, arg)
 
-    def resubmit(self, k: list, arg: tuple[int | None, int | None], table: int,
-                 depth: int) -> None:
+    def resubmit(self, k: list, arg: tuple[int | None, int | None], table: int, depth: int) -> None:
         port, target = arg
         self.resubmits += 1
         if depth + 1 > MAX_RESUBMIT_DEPTH or self.resubmits > MAX_RESUBMITS:
@@ -181,8 +193,9 @@ def decide(tables: FlowTables, key: FlowKey | tuple) -> Decision:
     return Decision(tuple(t.ops), tuple(t.entries), tables.generation)
 
 
-def execute(tables: FlowTables, key: FlowKey | tuple, frame: bytes | bytearray | memoryview,
-            now: float) -> list[Output]:
+def execute(
+    tables: FlowTables, key: FlowKey | tuple, frame: bytes | bytearray | memoryview, now: float
+) -> list[Output]:
     """Uncached convenience: decide, apply to ``frame``, credit one packet."""
     d = decide(tables, key)
     d.credit(1, len(frame), now)

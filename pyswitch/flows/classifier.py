@@ -17,7 +17,8 @@ Order (documented contract, checked against a brute-force reference in the tests
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .table import FlowEntry
@@ -30,7 +31,7 @@ def _order(e: FlowEntry) -> tuple[int, int]:
 
 
 class _Subtable:
-    __slots__ = ("sig", "buckets", "max_priority", "count")
+    __slots__ = ("buckets", "count", "max_priority", "sig")
 
     def __init__(self, sig: Signature) -> None:
         self.sig = sig
@@ -38,7 +39,7 @@ class _Subtable:
         self.max_priority = -1
         self.count = 0
 
-    def masked(self, key: tuple[Any, ...]) -> tuple:
+    def masked(self, key: Sequence[Any]) -> tuple:
         return tuple([None if (k := key[i]) is None else k & m for i, m in self.sig])
 
 
@@ -105,7 +106,7 @@ class Classifier:
                 return e
         return None
 
-    def lookup(self, key: tuple[Any, ...]) -> FlowEntry | None:
+    def lookup(self, key: Sequence[Any]) -> FlowEntry | None:
         """The winning rule for ``key`` (highest priority, then first added), or None."""
         best: FlowEntry | None = None
         best_p = -1

@@ -21,9 +21,29 @@ from typing import TYPE_CHECKING, Any
 
 from . import values as V
 from .model import (
-    DEFAULT_PRIORITY, DL_DST, DL_SRC, DL_TYPE, DL_VLAN, DL_VLAN_PCP, ETH_TYPE_ARP,
-    ETH_TYPE_IP, ETH_TYPE_IPV6, FULL_MASK, IN_PORT, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPV6_DST, IPV6_SRC, NW_DST, NW_PROTO, NW_SRC, NW_TOS, TP_DST, TP_SRC, Flow, Match,
+    DEFAULT_PRIORITY,
+    DL_DST,
+    DL_SRC,
+    DL_TYPE,
+    DL_VLAN,
+    DL_VLAN_PCP,
+    ETH_TYPE_ARP,
+    ETH_TYPE_IP,
+    ETH_TYPE_IPV6,
+    FULL_MASK,
+    IN_PORT,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPV6_DST,
+    IPV6_SRC,
+    NW_DST,
+    NW_PROTO,
+    NW_SRC,
+    NW_TOS,
+    TP_DST,
+    TP_SRC,
+    Flow,
+    Match,
     PortNames,
 )
 
@@ -61,9 +81,8 @@ def match_items(match: Match, ports: PortNames | None = None) -> list[Item]:
     _take(items, conds, IPV6_SRC, "ipv6_src", lambda v, m: V.format_ip_masked(v, m, 128))
     _take(items, conds, IPV6_DST, "ipv6_dst", lambda v, m: V.format_ip_masked(v, m, 128))
     arp = dl_type == ETH_TYPE_ARP
-    ip4 = lambda v, m: V.format_ip_masked(v, m, 32)  # noqa: E731
-    _take(items, conds, NW_SRC, "arp_spa" if arp else "nw_src", ip4)
-    _take(items, conds, NW_DST, "arp_tpa" if arp else "nw_dst", ip4)
+    _take(items, conds, NW_SRC, "arp_spa" if arp else "nw_src", _ip4)
+    _take(items, conds, NW_DST, "arp_tpa" if arp else "nw_dst", _ip4)
     _take(items, conds, NW_PROTO, "arp_op" if arp else "nw_proto", lambda v, m: str(v))
     _take(items, conds, NW_TOS, "nw_tos", lambda v, m: str(v))
     icmp = (dl_type, proto) in ((ETH_TYPE_IP, IPPROTO_ICMP), (ETH_TYPE_IPV6, IPPROTO_ICMPV6))
@@ -79,6 +98,10 @@ def _take(items: list[Item], conds: dict, idx: int, name: str, fmt: Any) -> None
         items.append((name, fmt(value, mask)))
 
 
+def _ip4(value: int, mask: int) -> str:
+    return V.format_ip_masked(value, mask, 32)
+
+
 def _mac(value: int, mask: int) -> str:
     if mask == FULL_MASK[DL_SRC]:
         return V.format_mac(value)
@@ -90,8 +113,9 @@ def _be16(value: int, mask: int) -> str:
     return str(value) if mask == 0xFFFF else f"0x{value:04x}/0x{mask:04x}"
 
 
-def format_match(match: Match, priority: int = DEFAULT_PRIORITY,
-                 ports: PortNames | None = None) -> str:
+def format_match(
+    match: Match, priority: int = DEFAULT_PRIORITY, ports: PortNames | None = None
+) -> str:
     """``priority=N,`` (unless default) followed by the match items, comma-separated."""
     parts = [] if priority == DEFAULT_PRIORITY else [f"priority={priority}"]
     parts += [n if v is None else f"{n}={v}" for n, v in match_items(match, ports)]
@@ -126,8 +150,10 @@ def format_dump_line(entry: FlowEntry, now: float, ports: PortNames | None = Non
     """One ``dump-flows`` line, in OVS's exact shape (leading space included)."""
     f = entry.flow
     duration = now - entry.created
-    s = (f" cookie=0x{f.cookie:x}, duration={format_duration(duration)}, table={f.table}, "
-         f"n_packets={entry.n_packets}, n_bytes={entry.n_bytes}, ")
+    s = (
+        f" cookie=0x{f.cookie:x}, duration={format_duration(duration)}, table={f.table}, "
+        f"n_packets={entry.n_packets}, n_bytes={entry.n_bytes}, "
+    )
     if f.idle_timeout:
         s += f"idle_timeout={f.idle_timeout}, "
     if f.hard_timeout:

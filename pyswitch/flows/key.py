@@ -27,8 +27,14 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .model import ETH_TYPE_ARP, ETH_TYPE_IP, ETH_TYPE_IPV6, ETH_TYPE_NONE, ETH_TYPE_QINQ
-from .model import ETH_TYPE_VLAN
+from .model import (
+    ETH_TYPE_ARP,
+    ETH_TYPE_IP,
+    ETH_TYPE_IPV6,
+    ETH_TYPE_NONE,
+    ETH_TYPE_QINQ,
+    ETH_TYPE_VLAN,
+)
 
 _ETH = struct.Struct("!IHIHH")  # dst hi32, dst lo16, src hi32, src lo16, type/len
 _TAG = struct.Struct("!HH")  # TCI, inner ethertype

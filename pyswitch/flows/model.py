@@ -16,8 +16,9 @@ Everything here is immutable and hashable.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 # ---- flow key field indices (the order of key.FlowKey) -------------------------------
 IN_PORT, DL_SRC, DL_DST, DL_TYPE, DL_VLAN, DL_VLAN_PCP = range(6)
@@ -26,8 +27,20 @@ N_FIELDS = 14
 
 #: Full-width masks per key index (a condition with this mask is an exact match).
 FULL_MASK: tuple[int, ...] = (
-    0xFFFF, (1 << 48) - 1, (1 << 48) - 1, 0xFFFF, 0xFFF, 0x7,
-    0xFFFFFFFF, 0xFFFFFFFF, 0xFF, 0xFC, 0xFFFF, 0xFFFF, (1 << 128) - 1, (1 << 128) - 1,
+    0xFFFF,
+    (1 << 48) - 1,
+    (1 << 48) - 1,
+    0xFFFF,
+    0xFFF,
+    0x7,
+    0xFFFFFFFF,
+    0xFFFFFFFF,
+    0xFF,
+    0xFC,
+    0xFFFF,
+    0xFFFF,
+    (1 << 128) - 1,
+    (1 << 128) - 1,
 )
 
 ETH_TYPE_IP = 0x0800

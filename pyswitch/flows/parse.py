@@ -14,42 +14,82 @@ the reason, and the 1-based column where that item starts.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import values as V
 from .model import (
-    DEFAULT_PRIORITY, DL_TYPE, DL_VLAN, ETH_TYPE_ARP, ETH_TYPE_IP, ETH_TYPE_IPV6,
-    FULL_MASK, IN_PORT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, NW_PROTO, Action, Flow, FlowFilter, FlowSyntaxError, Match, PortNames,
+    DEFAULT_PRIORITY,
+    DL_DST,
+    DL_SRC,
+    DL_TYPE,
+    DL_VLAN,
+    DL_VLAN_PCP,
+    ETH_TYPE_ARP,
+    ETH_TYPE_IP,
+    ETH_TYPE_IPV6,
+    FULL_MASK,
+    IN_PORT,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV6_DST,
+    IPV6_SRC,
+    NW_DST,
+    NW_PROTO,
+    NW_SRC,
+    NW_TOS,
+    TP_DST,
+    TP_SRC,
+    Action,
+    Flow,
+    FlowFilter,
+    FlowSyntaxError,
+    Match,
+    PortNames,
 )
-from .model import DL_DST, DL_SRC, DL_VLAN_PCP, IPV6_DST, IPV6_SRC, NW_DST, NW_SRC
-from .model import NW_TOS, TP_DST, TP_SRC
 
 _SEPARATORS = ", \t\r\n"
 
 #: name -> (key index, value kind).  Kinds are parsed by values.parse_match_value.
 MATCH_FIELDS: dict[str, tuple[int, str]] = {
     "in_port": (IN_PORT, "port"),
-    "dl_src": (DL_SRC, "mac"), "dl_dst": (DL_DST, "mac"),
+    "dl_src": (DL_SRC, "mac"),
+    "dl_dst": (DL_DST, "mac"),
     "dl_type": (DL_TYPE, "u16"),
-    "dl_vlan": (DL_VLAN, "vlan"), "dl_vlan_pcp": (DL_VLAN_PCP, "pcp"),
+    "dl_vlan": (DL_VLAN, "vlan"),
+    "dl_vlan_pcp": (DL_VLAN_PCP, "pcp"),
     "vlan_tci": (DL_VLAN, "vlan_tci"),
-    "nw_src": (NW_SRC, "ipv4"), "nw_dst": (NW_DST, "ipv4"),
-    "arp_spa": (NW_SRC, "ipv4"), "arp_tpa": (NW_DST, "ipv4"),
-    "nw_proto": (NW_PROTO, "u8"), "arp_op": (NW_PROTO, "u8"),
+    "nw_src": (NW_SRC, "ipv4"),
+    "nw_dst": (NW_DST, "ipv4"),
+    "arp_spa": (NW_SRC, "ipv4"),
+    "arp_tpa": (NW_DST, "ipv4"),
+    "nw_proto": (NW_PROTO, "u8"),
+    "arp_op": (NW_PROTO, "u8"),
     "nw_tos": (NW_TOS, "tos"),
-    "tp_src": (TP_SRC, "u16m"), "tp_dst": (TP_DST, "u16m"),
-    "icmp_type": (TP_SRC, "icmp"), "icmp_code": (TP_DST, "icmp"),
-    "ipv6_src": (IPV6_SRC, "ipv6"), "ipv6_dst": (IPV6_DST, "ipv6"),
+    "tp_src": (TP_SRC, "u16m"),
+    "tp_dst": (TP_DST, "u16m"),
+    "icmp_type": (TP_SRC, "icmp"),
+    "icmp_code": (TP_DST, "icmp"),
+    "ipv6_src": (IPV6_SRC, "ipv6"),
+    "ipv6_dst": (IPV6_DST, "ipv6"),
 }
 
 #: Protocol shorthands (ovs-fields(7)): name -> (dl_type, nw_proto or None).
 SHORTHANDS: dict[str, tuple[int, int | None]] = {
-    "ip": (ETH_TYPE_IP, None), "ipv6": (ETH_TYPE_IPV6, None), "arp": (ETH_TYPE_ARP, None),
-    "icmp": (ETH_TYPE_IP, IPPROTO_ICMP), "icmp6": (ETH_TYPE_IPV6, IPPROTO_ICMPV6),
-    "tcp": (ETH_TYPE_IP, IPPROTO_TCP), "udp": (ETH_TYPE_IP, IPPROTO_UDP),
-    "sctp": (ETH_TYPE_IP, IPPROTO_SCTP), "tcp6": (ETH_TYPE_IPV6, IPPROTO_TCP),
-    "udp6": (ETH_TYPE_IPV6, IPPROTO_UDP), "sctp6": (ETH_TYPE_IPV6, IPPROTO_SCTP),
+    "ip": (ETH_TYPE_IP, None),
+    "ipv6": (ETH_TYPE_IPV6, None),
+    "arp": (ETH_TYPE_ARP, None),
+    "icmp": (ETH_TYPE_IP, IPPROTO_ICMP),
+    "icmp6": (ETH_TYPE_IPV6, IPPROTO_ICMPV6),
+    "tcp": (ETH_TYPE_IP, IPPROTO_TCP),
+    "udp": (ETH_TYPE_IP, IPPROTO_UDP),
+    "sctp": (ETH_TYPE_IP, IPPROTO_SCTP),
+    "tcp6": (ETH_TYPE_IPV6, IPPROTO_TCP),
+    "udp6": (ETH_TYPE_IPV6, IPPROTO_UDP),
+    "sctp6": (ETH_TYPE_IPV6, IPPROTO_SCTP),
 }
 
 _IP, _IP6, _ARP = {ETH_TYPE_IP}, {ETH_TYPE_IPV6}, {ETH_TYPE_ARP}
@@ -59,18 +99,21 @@ _L4 = {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP}
 _PREREQS: dict[str, tuple[set[int], set[int] | None, str]] = {
     "nw_src": (_IP | _ARP, None, "'ip' or 'arp'"),
     "nw_dst": (_IP | _ARP, None, "'ip' or 'arp'"),
-    "arp_spa": (_ARP, None, "'arp'"), "arp_tpa": (_ARP, None, "'arp'"),
+    "arp_spa": (_ARP, None, "'arp'"),
+    "arp_tpa": (_ARP, None, "'arp'"),
     "arp_op": (_ARP, None, "'arp'"),
     "nw_proto": (_IP | _IP6, None, "'ip' or 'ipv6'"),
     "nw_tos": (_IP | _IP6, None, "'ip' or 'ipv6'"),
-    "ipv6_src": (_IP6, None, "'ipv6'"), "ipv6_dst": (_IP6, None, "'ipv6'"),
+    "ipv6_src": (_IP6, None, "'ipv6'"),
+    "ipv6_dst": (_IP6, None, "'ipv6'"),
     "tp_src": (_IP | _IP6, _L4, "'tcp', 'udp' or 'sctp' (or their IPv6 forms)"),
     "tp_dst": (_IP | _IP6, _L4, "'tcp', 'udp' or 'sctp' (or their IPv6 forms)"),
     "icmp_type": (_IP | _IP6, {IPPROTO_ICMP, IPPROTO_ICMPV6}, "'icmp' or 'icmp6'"),
     "icmp_code": (_IP | _IP6, {IPPROTO_ICMP, IPPROTO_ICMPV6}, "'icmp' or 'icmp6'"),
 }
 _ACTION_PREREQS: dict[str, tuple[set[int], set[int] | None, str]] = {
-    "mod_nw_src": (_IP, None, "'ip'"), "mod_nw_dst": (_IP, None, "'ip'"),
+    "mod_nw_src": (_IP, None, "'ip'"),
+    "mod_nw_dst": (_IP, None, "'ip'"),
     "mod_tp_src": (_IP | _IP6, {IPPROTO_TCP, IPPROTO_UDP}, "'tcp' or 'udp'"),
     "mod_tp_dst": (_IP | _IP6, {IPPROTO_TCP, IPPROTO_UDP}, "'tcp' or 'udp'"),
 }
@@ -82,20 +125,34 @@ def parse_flow(text: str, ports: PortNames | None = None) -> Flow:
     """Parse an ``add-flow`` string.  ``actions=`` is required; ``cookie`` takes no
     mask; ``out_port`` is not allowed.  Raises FlowSyntaxError."""
     p = _Parser(text, ports, "add")
-    return Flow(match=p.match, actions=p.actions or (), priority=p.priority,
-                table=p.table or 0, cookie=p.cookie, idle_timeout=p.idle,
-                hard_timeout=p.hard)
+    return Flow(
+        match=p.match,
+        actions=p.actions or (),
+        priority=p.priority,
+        table=p.table or 0,
+        cookie=p.cookie,
+        idle_timeout=p.idle,
+        hard_timeout=p.hard,
+    )
 
 
-def parse_filter(text: str, ports: PortNames | None = None, *,
-                 with_actions: bool = False) -> FlowFilter:
+def parse_filter(
+    text: str, ports: PortNames | None = None, *, with_actions: bool = False
+) -> FlowFilter:
     """Parse a ``del-flows``/``dump-flows`` filter, or with ``with_actions=True`` a
     ``mod-flows`` string (actions required).  No ``table=`` means every table;
     ``cookie=V/M`` filters on cookie bits; ``cookie=V`` means ``V/-1``;
     ``out_port=P`` keeps rules with an ``output:P`` action.  Raises FlowSyntaxError."""
     p = _Parser(text, ports, "modify" if with_actions else "filter")
-    return FlowFilter(match=p.match, table=p.table, priority=p.priority, cookie=p.cookie,
-                      cookie_mask=p.cookie_mask, out_port=p.out_port, actions=p.actions)
+    return FlowFilter(
+        match=p.match,
+        table=p.table,
+        priority=p.priority,
+        cookie=p.cookie,
+        cookie_mask=p.cookie_mask,
+        out_port=p.out_port,
+        actions=p.actions,
+    )
 
 
 def split_items(text: str, start: int = 0, parens: bool = False) -> list[Token]:
@@ -131,7 +188,8 @@ class _Parser:
 
     def __init__(self, text: str, ports: PortNames | None, mode: str) -> None:
         self.text, self.ports, self.mode = text, ports, mode
-        self.priority, self.table, self.cookie, self.cookie_mask = DEFAULT_PRIORITY, None, 0, 0
+        self.priority, self.cookie, self.cookie_mask = DEFAULT_PRIORITY, 0, 0
+        self.table: int | None = None
         self.idle = self.hard = 0
         self.out_port: int | None = None
         self.actions: tuple[Action, ...] | None = None
@@ -153,7 +211,7 @@ class _Parser:
 
     def _split(self) -> tuple[list[Token], int | None]:
         """The match items, and the offset just after ``actions=`` (None if absent)."""
-        items = []
+        items: list[Token] = []
         for text, col in split_items(self.text):
             key, value = split_kv(text)
             if key == "actions":
@@ -235,6 +293,7 @@ def _set_int(attr: str, hi: int) -> Callable[[_Parser, Token, str], None]:
             setattr(p, attr, V.parse_int(value, hi))
         except ValueError as e:
             raise p.err(item, str(e)) from None
+
     return handler
 
 
@@ -268,6 +327,7 @@ def _set_timeout(attr: str) -> Callable[[_Parser, Token, str], None]:
         if p.mode != "add":
             raise p.err(item, "timeouts are only for add-flow")
         inner(p, item, value)
+
     return handler
 
 
@@ -289,4 +349,4 @@ _FLOW_ATTRS: dict[str, Callable[[_Parser, Token, str], Any]] = {
     "out_port": _set_out_port,
 }
 
-__all__ = ["parse_flow", "parse_filter", "MATCH_FIELDS", "SHORTHANDS", "FULL_MASK"]
+__all__ = ["FULL_MASK", "MATCH_FIELDS", "SHORTHANDS", "parse_filter", "parse_flow"]

@@ -24,8 +24,9 @@ included) so that idle timeouts see traffic that never reaches the classifier.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 from .classifier import Classifier
 from .format import format_dump_line
@@ -87,8 +88,14 @@ class FlowTables:
         self.generation += 1
         return entry
 
-    def modify(self, filt: FlowFilter, actions: tuple[Action, ...] | None = None, *,
-               strict: bool = False, now: float) -> list[FlowEntry]:
+    def modify(
+        self,
+        filt: FlowFilter,
+        actions: tuple[Action, ...] | None = None,
+        *,
+        strict: bool = False,
+        now: float,
+    ) -> list[FlowEntry]:
         """Set the actions of the selected rules (``actions`` or ``filt.actions``);
         returns the rules changed.  Like OVS with OpenFlow 1.1+, a modify that selects
         nothing adds nothing."""
@@ -137,7 +144,7 @@ class FlowTables:
         self.generation += 1
 
     # ---- queries -------------------------------------------------------------------
-    def lookup(self, key: tuple[Any, ...], table: int = 0) -> FlowEntry | None:
+    def lookup(self, key: Sequence[Any], table: int = 0) -> FlowEntry | None:
         """The winning rule for ``key`` in ``table`` (highest priority, then the rule
         added first), or None on a miss.  Does not touch counters."""
         return self._tables[table].lookup(key)
@@ -172,15 +179,15 @@ class FlowTables:
         return self.add(parse_flow(text, self.ports), now)
 
     def mod_flows(self, text: str, now: float, *, strict: bool = False) -> list[FlowEntry]:
-        return self.modify(parse_filter(text, self.ports, with_actions=True),
-                           strict=strict, now=now)
+        return self.modify(
+            parse_filter(text, self.ports, with_actions=True), strict=strict, now=now
+        )
 
     def del_flows(self, text: str = "", *, strict: bool = False) -> list[FlowEntry]:
         return self.delete(parse_filter(text, self.ports), strict=strict)
 
     def dump_flows(self, now: float, text: str = "") -> list[str]:
         """``ovs-ofctl dump-flows`` lines (no header), optionally filtered."""
-        from .format import format_dump_line
         filt = parse_filter(text, self.ports)
         return [format_dump_line(e, now, self.ports) for e in self.select(filt)]
 

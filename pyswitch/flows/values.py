@@ -15,15 +15,16 @@ from .model import FULL_MASK, OFPP_MAX, Action, PortNames
 MAC_MASK = (1 << 48) - 1
 IP4_MASK = 0xFFFFFFFF
 IP6_MASK = (1 << 128) - 1
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def parse_int(text: str, hi: int, lo: int = 0) -> int:
     """Decimal or 0x-hex integer in ``lo..hi``."""
     t = text.strip()
     try:
-        if t[:2].lower() == "0x" and len(t) > 2:
-            n = int(t[2:], 16)
-        elif t.isdigit():
+        if t[:2].lower() == "0x" and len(t) > 2 and all(c in _HEX for c in t[2:]):
+            n = int(t[2:], 16)  # noqa: FURB166 (int(t, 0) would accept 0o/0b/_)
+        elif t.isascii() and t.isdigit():
             n = int(t, 10)
         else:
             raise ValueError
@@ -82,7 +83,7 @@ def _prefix_mask(bits: int, width: int) -> int:
 
 def prefix_len(mask: int, width: int) -> int | None:
     """The prefix length of a CIDR mask, None if the mask is not contiguous."""
-    n = bin(mask).count("1")
+    n = (mask).bit_count()
     return n if mask == _prefix_mask(n, width) else None
 
 
