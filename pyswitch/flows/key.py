@@ -53,6 +53,10 @@ _IP6_AH = 51
 _MAX_IP6_EXT = 8
 
 
+_new = tuple.__new__  # builds a named tuple without the per-field argument handling
+_NONE8, _NONE11, _NONE13 = (None,) * 8, (None,) * 11, (None,) * 13
+
+
 class FlowKey(NamedTuple):
     """The extracted header fields of one frame; None = absent (see module doc)."""
 
@@ -81,6 +85,9 @@ class Layout(NamedTuple):
     l4: int
 
 
+_NOWHERE = Layout(-1, -1, -1)
+
+
 def extract(frame: bytes | bytearray | memoryview, in_port: int) -> FlowKey:
     """The flow key of ``frame`` received on ``in_port``.  Never raises."""
     return parse(frame, in_port)[0]
@@ -90,18 +97,17 @@ def parse(frame: bytes | bytearray | memoryview, in_port: int) -> tuple[FlowKey,
     """The flow key and layer offsets of ``frame``.  Never raises."""
     n = len(frame)
     if n < 14:
-        return FlowKey(in_port), Layout(-1, -1, -1)
+        return _new(FlowKey, (in_port,) + _NONE13), _NOWHERE
     dhi, dlo, shi, slo, etype = _ETH.unpack_from(frame, 0)
-    l2 = [in_port, shi << 16 | slo, dhi << 16 | dlo]
     off, vlan_off, vid, pcp = 14, -1, None, None
     if etype == ETH_TYPE_VLAN or etype == ETH_TYPE_QINQ:
         if n < 18:
-            return FlowKey(*l2), Layout(-1, -1, -1)
+            return _new(FlowKey, (in_port, shi << 16 | slo, dhi << 16 | dlo) + _NONE11), _NOWHERE
         tci, etype = _TAG.unpack_from(frame, 14)
         vid, pcp, vlan_off, off = tci & 0xFFF, tci >> 13, 12, 18
     if etype < 0x600:
         etype = ETH_TYPE_NONE
-    head = (*l2, etype, vid, pcp)
+    head = (in_port, shi << 16 | slo, dhi << 16 | dlo, etype, vid, pcp)
     if etype == ETH_TYPE_IP:
         rest, l4 = _ipv4(frame, off, n)
     elif etype == ETH_TYPE_IPV6:
@@ -109,10 +115,10 @@ def parse(frame: bytes | bytearray | memoryview, in_port: int) -> tuple[FlowKey,
     elif etype == ETH_TYPE_ARP:
         rest, l4 = _arp(frame, off, n), -1
     else:
-        return FlowKey(*head), Layout(vlan_off, -1, -1)
+        rest = None
     if rest is None:
-        return FlowKey(*head), Layout(vlan_off, -1, -1)
-    return FlowKey(*head, *rest), Layout(vlan_off, off, l4)
+        return _new(FlowKey, head + _NONE8), _new(Layout, (vlan_off, -1, -1))
+    return _new(FlowKey, head + rest), _new(Layout, (vlan_off, off, l4))
 
 
 def _l4(frame: bytes | bytearray | memoryview, off: int, n: int, proto: int) -> tuple:
@@ -136,8 +142,11 @@ def _ipv4(frame: bytes | bytearray | memoryview, off: int, n: int) -> tuple:
         return None, -1
     l4 = off + hlen
     if frag & 0x1FFF:  # a later fragment: no L4 header here
-        return (src, dst, proto, tos & 0xFC, None, None), -1
-    return (src, dst, proto, tos & 0xFC, *_l4(frame, l4, n, proto)), l4
+        return (src, dst, proto, tos & 0xFC, None, None, None, None), -1
+    if (proto == 6 and n - l4 >= 20) or (proto == 17 and n - l4 >= 8):  # the common case
+        sp, dp = _PORTS.unpack_from(frame, l4)
+        return (src, dst, proto, tos & 0xFC, sp, dp, None, None), l4
+    return (src, dst, proto, tos & 0xFC, *_l4(frame, l4, n, proto), None, None), l4
 
 
 def _ipv6(frame: bytes | bytearray | memoryview, off: int, n: int) -> tuple:
@@ -180,4 +189,4 @@ def _arp(frame: bytes | bytearray | memoryview, off: int, n: int) -> tuple | Non
     htype, ptype, hlen, plen, op, _sh, _sl, spa, _th, _tl, tpa = _ARP.unpack_from(frame, off)
     if htype != 1 or ptype != ETH_TYPE_IP or hlen != 6 or plen != 4:
         return None
-    return (spa, tpa, op if op <= 0xFF else 0, None, None, None)
+    return (spa, tpa, op if op <= 0xFF else 0, None, None, None, None, None)
