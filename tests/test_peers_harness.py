@@ -23,7 +23,7 @@ import pytest
 
 from tests.peers.initramfs import NET_MODULES, build_initramfs, find_kernel, module_load_order
 from tests.peers.missing import PeerMissingError
-from tests.peers.qemu import Guest, GuestError, start_guest
+from tests.peers.qemu import Guest, GuestError, ping_pair, start_guest
 from tests.peers.testpmd import Testpmd
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
@@ -42,50 +42,20 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _ping_pair(
-    workdir: Path, socks: tuple[Path, Path], role: str
-) -> tuple[Guest, Guest, ExitStack]:
-    """Start two guests (10.250.0.1 and .2; their traffic never leaves testpmd) that ping each
-    other. The caller owns the returned ExitStack, which stops them; if the second fails to start,
-    the first is stopped here."""
-    with ExitStack() as stack:
-        guests = [
-            stack.enter_context(
-                start_guest(
-                    f"pst-g{i}",
-                    sock,
-                    MACS[i],
-                    f"10.250.0.{i + 1}/24",
-                    f"10.250.0.{2 - i}",
-                    workdir=workdir,
-                    role=role,
-                    count=5,
-                    seconds=60,
-                    linger=8,
-                    timeout=GUEST_TIMEOUT,
-                )
-            )
-            for i, sock in enumerate(socks)
-        ]
-        return guests[0], guests[1], stack.pop_all()
-
-
 def _check_pings(
     guests: tuple[Guest, Guest], record_property: pytest.RecordProperty, label: str
 ) -> None:
     """Both guests got all their replies; record and print launch-to-ready and
     launch-to-first-reply."""
     for guest in guests:
-        line = guest.wait_for("PYSWITCH-PING-", timeout=90)
-        assert "PYSWITCH-PING-OK received=5/5" in line, guest.describe()
-    for guest in guests:
-        ready, first = guest.seconds_to("PYSWITCH-READY"), guest.seconds_to("PYSWITCH-FIRST-REPLY")
-        uptime = guest.wait_for("PYSWITCH-FIRST-REPLY").split("uptime=")[1]
-        record_property(f"{label}-{guest.name}-ready-s", round(ready, 2))
-        record_property(f"{label}-{guest.name}-first-reply-s", round(first, 2))
+        result = guest.ping_result(timeout=90)
+        assert result.ok and "received=5/5" in result.line, guest.describe()
+        assert result.first_reply_s is not None and result.ready_s <= result.first_reply_s
+        record_property(f"{label}-{guest.name}-ready-s", round(result.ready_s, 2))
+        record_property(f"{label}-{guest.name}-first-reply-s", round(result.first_reply_s, 2))
         print(
-            f"\n{label} {guest.name}: launch->READY {ready:.1f}s, launch->first reply {first:.1f}s "
-            f"(guest uptime {uptime}s)"
+            f"\n{label} {guest.name}: launch->READY {result.ready_s:.1f}s, launch->first reply "
+            f"{result.first_reply_s:.1f}s (guest uptime {result.first_reply_uptime}s)"
         )
 
 
@@ -108,8 +78,7 @@ def test_two_guests_ping_through_testpmd_vhost_qemu_client(
     with Testpmd(vdevs, forward_mode="io", cleanup_paths=socks) as testpmd:
         assert all(s.exists() for s in socks), testpmd.output()
         testpmd.command("start")
-        g0, g1, stack = _ping_pair(workdir, socks, role="client")
-        with stack:
+        with ping_pair(workdir, socks, role="client", timeout=GUEST_TIMEOUT) as (g0, g1):
             _check_pings((g0, g1), record_property, "qemu-client")
             _check_forwarded(testpmd)
         runtime = testpmd.runtime_dirs()
@@ -123,8 +92,7 @@ def test_two_guests_ping_through_testpmd_vhost_qemu_server(
     """QEMU listens (server=on,wait=off); testpmd's net_vhost connects with client=1, as pyswitch's
     dpdkvhostuserclient will.  The guests boot before any back end is there."""
     socks = (workdir / "q0.sock", workdir / "q1.sock")
-    g0, g1, stack = _ping_pair(workdir, socks, role="server")
-    with stack:
+    with ping_pair(workdir, socks, role="server", timeout=GUEST_TIMEOUT) as (g0, g1):
         deadline = time.monotonic() + 10
         while not all(s.exists() for s in socks):
             assert time.monotonic() < deadline, "QEMU did not create its vhost-user sockets"

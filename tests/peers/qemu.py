@@ -14,6 +14,9 @@ API
   `.console_text()`, `.wait_exit(timeout)`, `.stop()` (always kills QEMU, removes a socket QEMU
   created). QEMU runs under `timeout -s KILL <timeout>` in its own process group, so even a test
   process that dies cannot leave a guest running past `timeout`.
+- `Guest.ping_result(timeout) -> PingResult`: the outcome of the `ping` action with its timings.
+- `ping_pair(workdir, (sock0, sock1), role) -> context manager of (Guest, Guest)`: two guests that
+  ping each other: the standard two-VM test, whatever back end is between them.
 - qemu-system-x86_64, the kernel or busybox missing: `PeerMissingError` naming the Debian package.
 
 Why the command line looks like this (see /work/shared/real-peers.md): `-accel tcg` (the nested KVM
@@ -31,6 +34,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -43,6 +49,17 @@ QEMU = "qemu-system-x86_64"
 
 class GuestError(AssertionError):
     """A guest did not reach an expected state; the message carries its console and QEMU's log."""
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """The outcome of a guest's `ping` action with its timings (host seconds from launch)."""
+
+    ok: bool  # every one of the `count` pings after the first reply was answered
+    line: str  # the PYSWITCH-PING-OK / PYSWITCH-PING-FAIL console line
+    ready_s: float  # launch -> eth0 up with its address
+    first_reply_s: float | None  # launch -> first reply (None: no reply at all)
+    first_reply_uptime: float | None  # the guest's own uptime at the first reply
 
 
 def qemu_argv(
@@ -220,6 +237,16 @@ class Guest:
                     return when
         raise KeyError(marker)
 
+    def ping_result(self, timeout: float = 90.0) -> PingResult:
+        """Wait for the end of the `ping` action (GuestError if it never comes) and return it."""
+        line = self.wait_for("PYSWITCH-PING-", timeout)
+        ready = self.seconds_to("PYSWITCH-READY")
+        first = uptime = None
+        if "PING-OK" in line or self._find("PYSWITCH-FIRST-REPLY"):
+            first_line = self.wait_for("PYSWITCH-FIRST-REPLY", 0)
+            first, uptime = self.seconds_to("PYSWITCH-FIRST-REPLY"), float(first_line.split("=")[1])
+        return PingResult("PYSWITCH-PING-OK" in line, line, ready, first, uptime)
+
     def wait_exit(self, timeout: float = 30.0) -> int:
         """Wait for QEMU to exit (the guest powers off after its action); return its exit status."""
         assert self._proc is not None
@@ -318,3 +345,38 @@ def start_guest(
             time.sleep(0.1)
     guest.launch()
     return guest
+
+
+@contextmanager
+def ping_pair(
+    workdir: Path,
+    socks: tuple[Path, Path],
+    role: str = "client",
+    subnet: str = "10.250.0",
+    count: int = 5,
+    linger: int = 8,
+    timeout: float = 100.0,
+) -> Iterator[tuple[Guest, Guest]]:
+    """Two guests, <subnet>.1 on socks[0] and <subnet>.2 on socks[1], that ping each other
+    (`count` pings each, then `linger` seconds up for the other's pings).  Both are stopped on exit,
+    also when the second fails to start.  Read the outcome with `Guest.ping_result()`."""
+    macs = ("02:50:53:00:00:01", "02:50:53:00:00:02")
+    with ExitStack() as stack:
+        guests = [
+            stack.enter_context(
+                start_guest(
+                    f"pst-g{i}",
+                    sock,
+                    macs[i],
+                    f"{subnet}.{i + 1}/24",
+                    f"{subnet}.{2 - i}",
+                    workdir=workdir,
+                    role=role,
+                    count=count,
+                    linger=linger,
+                    timeout=timeout,
+                )
+            )
+            for i, sock in enumerate(socks)
+        ]
+        yield guests[0], guests[1]
