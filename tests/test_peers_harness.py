@@ -107,6 +107,30 @@ def test_two_guests_ping_through_testpmd_vhost_qemu_server(
     )
 
 
+def test_ping_result_reports_failure_when_nobody_answers(workdir: Path) -> None:
+    """A guest whose peer port has no guest: the ping action ends in PYSWITCH-PING-FAIL within its
+    `seconds` bound, so a test against a broken switch fails quickly instead of hanging."""
+    socks = (workdir / "f0.sock", workdir / "f1.sock")
+    vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
+    with Testpmd(vdevs, cleanup_paths=socks) as testpmd:
+        testpmd.command("start")
+        with start_guest(
+            "pst-f0",
+            socks[0],
+            "02:50:53:00:00:0f",
+            "10.250.0.1/24",
+            "10.250.0.2",
+            workdir=workdir,
+            seconds=4,
+            timeout=GUEST_TIMEOUT,
+        ) as guest:
+            result = guest.ping_result(timeout=90)
+            assert not result.ok and result.first_reply_s is None, result
+            assert "no reply from 10.250.0.2 in 4s" in result.line
+            assert guest.wait_exit(timeout=30) == 0  # /init powered the guest off
+        assert testpmd.port_stats()[0].rx_packets >= 3  # its ARP requests reached the back end
+
+
 def test_client_guest_without_back_end_fails_clearly(workdir: Path) -> None:
     """No back end listening: start_guest raises GuestError naming the socket; no QEMU runs."""
     sock = workdir / "nobody.sock"

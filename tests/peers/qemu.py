@@ -223,9 +223,18 @@ class Guest:
                 line = self._find(marker, after)  # QEMU may have printed it just before exiting
                 if line is not None:
                     return line
-                why = "QEMU exited" if exited else f"not seen within {timeout:.0f}s"
+                why = self._exit_reason() if exited else f"not seen within {timeout:.0f}s"
                 raise GuestError(f"guest {self.name}: {marker!r} {why}\n{self.describe()}")
             time.sleep(0.05)
+
+    def _exit_reason(self) -> str:
+        """How QEMU ended, in words (a signal usually means QEMU crashed, e.g. the MSI-X bug)."""
+        status = None if self._proc is None else self._proc.poll()
+        if status is not None and status < 0:
+            return f"QEMU died of {signal.Signals(-status).name}"
+        if status == 137:  # the `timeout -s KILL` wrapper reports a killed child as 128 + 9
+            return f"QEMU killed after its {self.timeout:.0f}s time limit"
+        return f"QEMU exited with status {status}"
 
     def seconds_to(self, marker: str) -> float:
         """Host seconds from QEMU's launch to the first console line containing `marker` (±0.05 s);
