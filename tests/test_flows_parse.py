@@ -4,6 +4,8 @@ printing, filters, and error messages that name the field and the column."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyswitch.flows.format import format_flow, format_match
 from pyswitch.flows.model import (
@@ -296,3 +298,89 @@ def test_port_names_are_resolved_through_the_bridge() -> None:
     assert calls == ["p", "p"]
     assert format_flow(f, ports) == "in_port=p actions=output:p"
     assert format_flow(f) == "in_port=42 actions=output:42"
+
+
+# ---- property: random valid flows print and parse back to themselves -----------------
+_PROTOS = {  # shorthand -> fields it allows (beyond the L2 ones)
+    "": [],
+    "ip": ["nw_src", "nw_dst", "nw_proto", "nw_tos"],
+    "tcp": ["nw_src", "nw_dst", "nw_tos", "tp_src", "tp_dst"],
+    "udp": ["nw_src", "nw_dst", "tp_src", "tp_dst"],
+    "icmp": ["nw_src", "icmp_type", "icmp_code"],
+    "arp": ["arp_spa", "arp_tpa", "arp_op"],
+    "ipv6": ["ipv6_src", "ipv6_dst", "nw_proto", "nw_tos"],
+    "tcp6": ["ipv6_src", "tp_dst"],
+    "icmp6": ["icmp_type", "icmp_code"],
+}
+_L2 = ["in_port", "dl_src", "dl_dst", "dl_vlan", "dl_vlan_pcp"]
+_ip4 = st.builds(lambda *o: ".".join(map(str, o)), *[st.integers(0, 255)] * 4)
+_mac = st.builds(lambda *o: ":".join(f"{x:02x}" for x in o), *[st.integers(0, 255)] * 6)
+_VALUES = {
+    "in_port": st.sampled_from(["vhu1", "vhu2", "tap0", "9", "65279"]),
+    "dl_src": _mac | st.builds(lambda a, b: f"{a}/{b}", _mac, _mac),
+    "dl_dst": _mac,
+    "dl_vlan": st.integers(0, 4095).map(str) | st.just("0xffff"),
+    "dl_vlan_pcp": st.integers(0, 7).map(str),
+    "nw_src": _ip4 | st.builds(lambda a, n: f"{a}/{n}", _ip4, st.integers(0, 32)),
+    "nw_dst": st.builds(lambda a, m: f"{a}/{m}", _ip4, _ip4),
+    "arp_spa": _ip4,
+    "arp_tpa": st.builds(lambda a, n: f"{a}/{n}", _ip4, st.integers(1, 32)),
+    "arp_op": st.integers(0, 255).map(str),
+    "nw_proto": st.sampled_from(["47", "89", "50"]),
+    "nw_tos": st.integers(0, 63).map(lambda d: str(d * 4)),
+    "tp_src": st.integers(0, 65535).map(str),
+    "tp_dst": st.integers(0, 65535).map(hex)
+    | st.builds(lambda v, m: f"{v:#x}/{m:#x}", st.integers(0, 65535), st.integers(0, 65535)),
+    "icmp_type": st.integers(0, 255).map(str),
+    "icmp_code": st.integers(0, 255).map(str),
+    "ipv6_src": st.ip_addresses(v=6).map(str),
+    "ipv6_dst": st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses(v=6), st.integers(0, 128)),
+}
+_ACTIONS = st.sampled_from(
+    [
+        "output:vhu1",
+        "output:3",
+        "NORMAL",
+        "flood",
+        "all",
+        "in_port",
+        "strip_vlan",
+        "mod_vlan_vid:5",
+        "mod_vlan_pcp:2",
+        "push_vlan:0x8100",
+        "mod_dl_src:02:00:00:00:00:09",
+        "mod_dl_dst:0a:00:00:00:00:01",
+        "resubmit(,3)",
+        "resubmit:vhu2",
+        "resubmit(tap0,1)",
+    ]
+)
+
+
+@st.composite
+def flow_strings(draw: st.DrawFn) -> str:
+    proto = draw(st.sampled_from(sorted(_PROTOS)))
+    names = draw(st.lists(st.sampled_from(_L2 + _PROTOS[proto]), unique=True))
+    items = [proto] if proto else []
+    items += [f"{n}={draw(_VALUES[n])}" for n in names]
+    for attr, hi in (
+        ("priority", 65535),
+        ("table", 254),
+        ("cookie", 2**64 - 1),
+        ("idle_timeout", 65535),
+        ("hard_timeout", 65535),
+    ):
+        if draw(st.booleans()):
+            items.append(f"{attr}={draw(st.integers(0, hi))}")
+    items = draw(st.permutations(items))
+    actions = draw(st.lists(_ACTIONS, max_size=5))
+    return ",".join(items) + (" " if items else "") + "actions=" + ",".join(actions)
+
+
+@settings(max_examples=200, deadline=None)
+@given(flow_strings())
+def test_random_flows_round_trip(text: str) -> None:
+    flow = parse_flow(text, PORTS)
+    printed = format_flow(flow, PORTS)
+    assert parse_flow(printed, PORTS) == flow
+    assert format_flow(parse_flow(printed, PORTS), PORTS) == printed  # printing is canonical
