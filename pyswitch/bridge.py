@@ -86,8 +86,8 @@ class Bridge:
         self._flood_cache.clear()
 
     def set_mac_limits(self, aging_time: float, max_entries: int) -> None:
-        self.aging_time = self.fdb.aging_time = aging_time
-        self.max_entries = self.fdb.max_entries = max_entries
+        self.fdb.set_limits(aging_time, max_entries)
+        self.aging_time, self.max_entries = aging_time, max_entries
 
     def port_by_name(self, name: str) -> BridgePort | None:
         for p in self.ports.values():

@@ -50,6 +50,17 @@ class MacTable:
         self.stats = FdbStats()
         self.generation = 0
 
+    def set_limits(self, aging_time: float, max_entries: int) -> None:
+        """Change the aging time and the size limit; a smaller limit evicts at once."""
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.aging_time = aging_time
+        self.max_entries = max_entries
+        while len(self._entries) > max_entries:
+            self._entries.popitem(last=False)
+            self.stats.evicted += 1
+            self.generation += 1
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -106,6 +106,11 @@ class Switch:
         del self._outputs[name]
         log.info("bridge %s: deleted", name)
 
+    def set_bridge(self, name: str, aging_time: int, table_size: int, fail_mode: str) -> None:
+        br = self.bridges[name]
+        br.set_mac_limits(aging_time, table_size)
+        br.fail_mode = fail_mode
+
     def add_port(self, bridge: str, pcfg: PortConfig) -> Port:
         """Create, open and attach a port; PortError (nothing left behind) on failure."""
         if pcfg.name in self._ports:

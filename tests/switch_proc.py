@@ -39,6 +39,17 @@ class SwitchProcess:
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.log = workdir / "pyswitch.log"
+        self.rundir = workdir / "run"
+        #: the environment of the switch and of CLI calls to it: its own run directory
+        self.env = {**os.environ, "PYSWITCH_RUNDIR": str(self.rundir)}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``pyswitch ARGS`` against this switch."""
+        r = subprocess.run([sys.executable, "-m", "pyswitch", *args], capture_output=True, text=True,
+                           env=self.env, cwd=ROOT, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pyswitch {' '.join(args)} exited {r.returncode}: {r.stderr}")
+        return r
 
     def start(self, topology: str, timeout: float = 30) -> "SwitchProcess":
         path = self.workdir / "topology.yaml"
@@ -46,7 +57,7 @@ class SwitchProcess:
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyswitch", "up", str(path)],
-            stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

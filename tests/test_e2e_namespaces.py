@@ -8,8 +8,10 @@ trunks, learning seen from a third host, aging, the MAC table size limit, floodi
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
+import sys
 import time
 
 import pytest
@@ -180,28 +182,21 @@ def test_invalid_topology_creates_nothing(tmp_path, prefix):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"bridges:\n  br0:\n    ports:\n      {prefix}a:\n        type: veth\n"
                    f"        options: {{netns: {prefix}a}}\n      {prefix}b:\n        type: veth\n        tag: 9999\n")
-    r = subprocess.run([sys_executable(), "-m", "pyswitch", "up", str(bad)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-m", "pyswitch", "up", str(bad)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == f"pyswitch: {bad}:9: bridges.br0.ports.{prefix}b.tag: 9999 is out of range (1..4095)"
     assert not leftovers(prefix)
 
 
-def sys_executable() -> str:
-    import sys
-
-    return sys.executable
-
-
 @pytest.mark.timeout(60)
 def test_default_topology_runs_and_is_reachable(tmp_path):
     """The README's main job: `pyswitch up` with no file."""
-    import sys
-
     if leftovers("psw-"):
         pytest.fail(f"default topology names already in use: {leftovers('psw-')}")
     log = tmp_path / "up.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "up"], stdout=f, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYSWITCH_RUNDIR": str(tmp_path / "run")}
+        proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "up"], stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 30
         while "running:" not in log.read_text():

@@ -1,0 +1,238 @@
+"""The control socket: JSON requests over a unix stream socket, served in the event loop.
+
+Wire format, one JSON object per line each way (in the spirit of ovs-appctl's JSON-RPC):
+
+    request:  {"id": 1, "method": "add-port", "params": {...}}
+    reply:    {"id": 1, "result": ...}
+           or {"id": 1, "error": {"message": "...", "status": 1}}
+
+``status`` is the exit status the CLI should use (1: failed, 2: bad input or "no such
+thing" where OVS exits 2).  A request is handled completely before the next one, so
+concurrent clients see each change whole.
+
+Access: the socket file is created mode 0600 (root only), or 0660 with a group; the
+peer's credentials (SO_PEERCRED) are checked as well: root, the daemon's own user, or a
+member of the configured group.  Requests are bounded (1 MiB) and malformed ones get an
+error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+from .loop import EventLoop
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+class ControlError(Exception):
+    """A request failed; ``status`` is the exit status for the CLI."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DaemonNotRunning(ControlError):
+    pass
+
+
+Dispatch = Callable[[str, dict[str, Any]], Any]
+
+
+def default_rundir() -> Path:
+    return Path(os.environ.get("PYSWITCH_RUNDIR", "/run/pyswitch"))
+
+
+def control_path(rundir: Path | None = None) -> Path:
+    return (rundir or default_rundir()) / "pyswitch.ctl"
+
+
+class _Conn:
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+
+class ControlServer:
+    """Accepts clients on ``path`` and answers their requests through ``dispatch``."""
+
+    def __init__(self, path: Path, loop: EventLoop, dispatch: Dispatch,
+                 group: str | None = None) -> None:
+        self.path = path
+        self.loop = loop
+        self.dispatch = dispatch
+        self.group = group
+        self._gid: int | None = None
+        self._sock: socket.socket | None = None
+        self._conns: dict[int, _Conn] = {}
+
+    def open(self) -> None:
+        """Bind the socket; ControlError if another pyswitch already answers there."""
+        if self.group is not None:
+            try:
+                self._gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ControlError(f"control socket group {self.group!r} does not exist", 2) from None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+                raise ControlError(f"another pyswitch is running (control socket {self.path}); "
+                                   "stop it or set PYSWITCH_RUNDIR")
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.path.unlink(missing_ok=True)  # stale, from a process that died
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        if self._gid is not None:
+            os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, 0o660)
+        sock.listen(16)
+        sock.setblocking(False)
+        self._sock = sock
+        self.loop.watch(sock.fileno(), self._accept)
+        log.info("control socket %s", self.path)
+
+    def _allowed(self, conn: socket.socket) -> bool:
+        pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid in (0, os.getuid()):
+            return True
+        if self._gid is None:
+            return False
+        if gid == self._gid:
+            return True
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Groups:"):
+                    return str(self._gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        if not self._allowed(conn):
+            self._send(conn, {"id": None, "error": {"message": "permission denied", "status": 1}})
+            conn.close()
+            log.warning("control: refused a client without permission")
+            return
+        conn.setblocking(False)
+        c = _Conn(conn)
+        self._conns[conn.fileno()] = c
+        self.loop.watch(conn.fileno(), lambda: self._read(c))
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(c)
+            return
+        c.buf += data
+        while b"\n" in c.buf:
+            line, c.buf = c.buf.split(b"\n", 1)
+            self._send(c.sock, self._handle(line))
+        if len(c.buf) > MAX_REQUEST:
+            self._send(c.sock, {"id": None, "error": {"message": "request too large", "status": 2}})
+            self._drop(c)
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return {"id": None, "error": {"message": f"request is not JSON: {exc}", "status": 2}}
+        if not isinstance(req, dict) or not isinstance(req.get("method"), str) \
+                or not isinstance(req.get("params", {}), dict):
+            return {"id": None, "error": {"message": "request needs a method and params object",
+                                          "status": 2}}
+        rid = req.get("id")
+        try:
+            return {"id": rid, "result": self.dispatch(req["method"], req.get("params", {}))}
+        except ControlError as exc:
+            return {"id": rid, "error": {"message": str(exc), "status": exc.status}}
+        except Exception as exc:  # a bug must not take the daemon down
+            log.exception("control request %s failed", req["method"])
+            return {"id": rid, "error": {"message": f"internal error: {exc}", "status": 1}}
+
+    def _send(self, sock: socket.socket, reply: dict[str, Any]) -> None:
+        data = json.dumps(reply).encode() + b"\n"
+        try:
+            sock.setblocking(True)
+            sock.settimeout(5)
+            sock.sendall(data)
+            sock.setblocking(False)
+        except OSError:
+            pass
+
+    def _drop(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        self.loop.unwatch(fd)
+        self._conns.pop(fd, None)
+        c.sock.close()
+
+    def close(self) -> None:
+        for c in list(self._conns.values()):
+            self._drop(c)
+        if self._sock is not None:
+            self.loop.unwatch(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            self.path.unlink(missing_ok=True)
+
+
+def call(method: str, params: dict[str, Any] | None = None, path: Path | None = None,
+         timeout: float = 120) -> Any:
+    """Send one request to the daemon and return its result; ControlError on failure."""
+    path = path or control_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(
+                f"pyswitch is not running (no control socket at {path}); start it with "
+                "'pyswitch daemon' (or 'systemctl start pyswitch')") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}: run as root or as a member of "
+                               "the control socket's group") from None
+        sock.sendall(json.dumps({"id": 1, "method": method, "params": params or {}}).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise ControlError("the daemon closed the connection without a reply")
+            buf += chunk
+    finally:
+        sock.close()
+    reply = json.loads(buf.split(b"\n", 1)[0])
+    if "error" in reply:
+        err = reply["error"]
+        raise ControlError(err.get("message", "failed"), int(err.get("status", 1)))
+    return reply.get("result")

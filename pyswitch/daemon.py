@@ -1,0 +1,355 @@
+"""The daemon: the switch, its saved configuration and the control socket, together.
+
+Every request that changes something is a function of the configuration: the daemon
+takes the current configuration as plain data, applies the request(s) to it, validates
+the result with the one validator (:func:`pyswitch.config.parse_config`), makes the
+running switch match it (:mod:`pyswitch.reconcile`, undone on failure), and only then
+saves it.  So a refused or failed request changes nothing, and the database always
+holds a configuration that was validated and applied.
+
+``pyswitch up FILE`` runs the same daemon without a database (the file is the
+configuration); ``pyswitch daemon`` restores from and saves to the database.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, SwitchConfig, parse_config
+from .control import ControlError, ControlServer, control_path
+from .db import ConfigStore
+from .packet import mac_str
+from .port import PortError
+from .reconcile import execute, plan
+from .switch import Switch
+
+log = logging.getLogger(__name__)
+
+PORT_KEYS = ("type", "tag", "trunks", "vlan_mode")
+BRIDGE_SETTINGS = {"fail_mode": "fail_mode", "mac_aging_time": "mac_aging_time",
+                   "mac_table_size": "mac_table_size",
+                   "other_config:mac-aging-time": "mac_aging_time",
+                   "other_config:mac-table-size": "mac_table_size"}
+DEFAULT_BRIDGE = "br0"
+
+Raw = dict[str, Any]
+
+
+class Daemon:
+    def __init__(self, rundir: Path, db: Path | None = None, group: str | None = None) -> None:
+        self.switch = Switch()
+        self.cfg = SwitchConfig()
+        self.store = ConfigStore(db) if db is not None else None
+        self.control = ControlServer(control_path(rundir), self.switch.loop, self.dispatch, group)
+        self.errors: dict[str, str] = {}  # port -> why it could not be restored
+        self._mutators: dict[str, Callable[[Raw, dict[str, Any]], None]] = {
+            "add-br": _add_br, "del-br": _del_br, "add-port": _add_port, "del-port": _del_port,
+            "set-port": _set_port, "set-bridge": _set_bridge,
+        }
+        self._readers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "list-br": self._list_br, "br-exists": self._br_exists, "list-ports": self._list_ports,
+            "show": self._show, "export": lambda p: self.cfg.to_dict(),
+            "fdb-show": self._fdb_show, "fdb-flush": self._fdb_flush, "port-stats": self._port_stats,
+        }
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start(self, initial: SwitchConfig | None = None) -> None:
+        """Open the control socket, then build the configuration (the database's when
+        there is one, else ``initial``).  Raises DatabaseError, ControlError, PortError."""
+        cfg = initial or SwitchConfig()
+        if self.store is not None:
+            saved = self.store.load()
+            if saved is not None:
+                cfg = saved
+        self.control.open()
+        if self.store is not None:
+            self._restore(cfg)
+        else:
+            self.commit(cfg)
+
+    def _restore(self, cfg: SwitchConfig) -> None:
+        """Build every saved bridge and port; a port that fails is logged and kept in the
+        configuration (shown with its error), never dropped from the database."""
+        for change in plan(self.switch, SwitchConfig(), cfg):
+            try:
+                change.do()
+                log.info("restored: %s", change.text)
+            except (PortError, OSError) as exc:
+                if change.port is not None:
+                    self.errors[change.port] = str(exc)
+                log.error("could not restore (%s): %s", change.text, exc)
+        self.cfg = cfg
+
+    def run(self) -> None:
+        self.switch.loop.install_signal_handlers()
+        self.switch.run()
+
+    def close(self) -> None:
+        self.control.close()
+        self.switch.close()
+        self.switch.loop.close()
+
+    # -- changing the configuration -------------------------------------------------------
+    def commit(self, new: SwitchConfig, dry_run: bool = False) -> list[str]:
+        """Make the switch run ``new``, then save it; return what changed."""
+        live = _without(self.cfg, self.errors)
+        changes = plan(self.switch, live, new)
+        texts = [c.text for c in changes]
+        if dry_run:
+            return texts
+        try:
+            execute(changes)
+        except (PortError, OSError) as exc:
+            raise ControlError(f"{exc} (nothing was changed)") from None
+        self.cfg = new
+        self.errors = {}
+        if self.store is not None:
+            try:
+                self.store.save(new)
+            except OSError as exc:
+                raise ControlError(f"applied, but saving {self.store.path} failed: {exc}") from None
+        return texts
+
+    def mutate(self, steps: list[tuple[str, dict[str, Any]]], dry_run: bool = False) -> list[str]:
+        raw = copy.deepcopy(self.cfg.to_dict())
+        for method, params in steps:
+            fn = self._mutators.get(method)
+            if fn is None:
+                raise ControlError(f"unknown command {method!r} in a transaction", 2)
+            fn(raw, params)
+        _default_types(raw)
+        try:
+            new = parse_config(raw)
+        except ConfigError as exc:
+            raise ControlError(str(exc), 2) from None
+        return self.commit(new, dry_run)
+
+    def dispatch(self, method: str, params: dict[str, Any]) -> Any:
+        if method in self._mutators:
+            return {"changes": self.mutate([(method, params)])}
+        if method == "transaction":
+            steps = params.get("commands")
+            if not isinstance(steps, list) or not all(
+                    isinstance(s, list) and len(s) == 2 and isinstance(s[1], dict) for s in steps):
+                raise ControlError("transaction: commands must be a list of [method, params]", 2)
+            return {"changes": self.mutate([(m, p) for m, p in steps])}
+        if method == "apply":
+            try:
+                new = parse_config(params.get("config"))
+            except ConfigError as exc:
+                raise ControlError(str(exc), 2) from None
+            return {"changes": self.commit(new, bool(params.get("dry_run")))}
+        reader = self._readers.get(method)
+        if reader is None:
+            raise ControlError(f"unknown command {method!r}", 2)
+        return reader(params)
+
+    # -- views ---------------------------------------------------------------------------
+    def _bridge(self, params: dict[str, Any]) -> str:
+        name = params.get("bridge")
+        if name not in self.cfg.bridges:
+            raise ControlError(f"no bridge named {name}", 2)
+        return str(name)
+
+    def _list_br(self, params: dict[str, Any]) -> list[str]:
+        return sorted(self.cfg.bridges)
+
+    def _br_exists(self, params: dict[str, Any]) -> bool:
+        self._bridge(params)
+        return True
+
+    def _list_ports(self, params: dict[str, Any]) -> list[str]:
+        return sorted(self.cfg.bridges[self._bridge(params)].ports)
+
+    def _show(self, params: dict[str, Any]) -> dict[str, Any]:
+        bridges = []
+        for bname, bcfg in self.cfg.bridges.items():
+            ports = []
+            for pname, pcfg in bcfg.ports.items():
+                entry: dict[str, Any] = {"name": pname, "type": pcfg.type, **pcfg.vlan.as_dict(),
+                                         "options": dict(pcfg.options)}
+                if pname in self.errors:
+                    entry.update(link_state="down", error=self.errors[pname])
+                elif pname in self.switch.port_names():
+                    port = self.switch.port(pname)
+                    entry.update(ofport=self.switch.port_number(pname),
+                                 link_state=port.link_state(), status=port.status())
+                ports.append(entry)
+            bridges.append({"name": bname, "fail_mode": bcfg.fail_mode,
+                            "mac_aging_time": bcfg.mac_aging_time,
+                            "mac_table_size": bcfg.mac_table_size, "ports": ports})
+        return {"bridges": bridges}
+
+    def _fdb_show(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        br = self.switch.bridges[self._bridge(params)]
+        names = {p.no: p.name for p in br.ports.values()}
+        return [{"port": no, "port_name": names.get(no, "?"), "vlan": vlan, "mac": mac_str(mac),
+                 "age": int(age)} for no, vlan, mac, age in br.fdb.entries(self.switch.loop.now())]
+
+    def _fdb_flush(self, params: dict[str, Any]) -> dict[str, int]:
+        names = [self._bridge(params)] if params.get("bridge") else list(self.switch.bridges)
+        return {n: self.switch.bridges[n].fdb.flush() for n in names}
+
+    def _port_stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        names = self._list_ports(params) if params.get("bridge") else self.switch.port_names()
+        if params.get("port"):
+            if params["port"] not in self.switch.port_names():
+                raise ControlError(f"no port named {params['port']}", 2)
+            names = [params["port"]]
+        out = {}
+        for n in names:
+            if n in self.switch.port_names():
+                port = self.switch.port(n)
+                out[n] = {"bridge": self.switch.port_bridge(n), "ofport": self.switch.port_number(n),
+                          "type": port.type_name, **port.counters.as_dict()}
+        return out
+
+
+def _without(cfg: SwitchConfig, failed: dict[str, str]) -> SwitchConfig:
+    """``cfg`` less the ports that failed to restore (they are not running)."""
+    if not failed:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for br in out.bridges.values():
+        for name in failed:
+            br.ports.pop(name, None)
+    return out
+
+
+# -- mutators: plain-data edits, validated afterwards by parse_config -----------------------
+
+def _find_port(raw: Raw, name: str) -> tuple[str, Raw] | None:
+    for bname, br in raw.get("bridges", {}).items():
+        if name in br.get("ports", {}):
+            return bname, br["ports"][name]
+    return None
+
+
+def _add_br(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("bridge")
+    if not isinstance(name, str) or not name:
+        raise ControlError("add-br needs a bridge name", 2)
+    bridges = raw.setdefault("bridges", {})
+    if name in bridges:
+        if p.get("may_exist"):
+            return
+        raise ControlError(f"bridge {name} already exists", 1)
+    bridges[name] = {"ports": {}}
+    _set_bridge(raw, {"bridge": name, "settings": p.get("settings", {})})
+
+
+def _del_br(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("bridge")
+    if name not in raw.get("bridges", {}):
+        if p.get("if_exists"):
+            return
+        raise ControlError(f"no bridge named {name}", 2)
+    del raw["bridges"][name]
+
+
+def _set_bridge(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("bridge")
+    br = raw.get("bridges", {}).get(name)
+    if br is None:
+        raise ControlError(f"no bridge named {name}", 2)
+    for key, value in (p.get("settings") or {}).items():
+        field = BRIDGE_SETTINGS.get(key)
+        if field is None:
+            raise ControlError(f"unknown bridge setting {key!r} (known: {', '.join(BRIDGE_SETTINGS)})", 2)
+        if value in ("", None):
+            br.pop(field, None)
+        else:
+            br[field] = value
+
+
+def _pick_bridge(raw: Raw, name: str | None) -> str:
+    bridges = raw.setdefault("bridges", {})
+    if name:
+        if name not in bridges:
+            raise ControlError(f"no bridge named {name}", 2)
+        return name
+    if len(bridges) == 1:
+        return next(iter(bridges))
+    if not bridges:
+        bridges[DEFAULT_BRIDGE] = {"ports": {}}
+        return DEFAULT_BRIDGE
+    if DEFAULT_BRIDGE in bridges:
+        return DEFAULT_BRIDGE
+    raise ControlError(f"several bridges ({', '.join(sorted(bridges))}): name one", 2)
+
+
+def _default_type(port: str) -> tuple[str, dict[str, str]]:
+    """OVS-like defaults: ``vhostuser*`` is a vhost-user port; an existing kernel interface
+    is attached as it is; anything else needs --type."""
+    if port.startswith("vhostuser"):
+        return "dpdkvhostuser", {}
+    if Path("/sys/class/net", port).exists():
+        return "veth", {"options:existing": "true"}
+    raise ControlError(f"port {port}: no --type given and no interface named {port} exists "
+                       "(use --type veth|tap|dpdkvhostuser|dpdkvhostuserclient)", 2)
+
+
+def _default_types(raw: Raw) -> None:
+    for br in raw.get("bridges", {}).values():
+        for name, port in br.get("ports", {}).items():
+            if "type" not in port:
+                ptype, extra = _default_type(name)
+                _apply_port_settings(port, {"type": ptype, **extra})
+
+
+def _add_port(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("port")
+    if not isinstance(name, str) or not name:
+        raise ControlError("add-port needs a port name", 2)
+    found = _find_port(raw, name)
+    if found is not None:
+        if p.get("may_exist"):
+            return
+        raise ControlError(f"port {name} already exists on bridge {found[0]}", 1)
+    bname = _pick_bridge(raw, p.get("bridge"))
+    settings = dict(p.get("settings") or {})
+    port: Raw = {}  # a missing type is defaulted after the whole transaction (_default_types)
+    raw["bridges"][bname].setdefault("ports", {})[name] = port
+    _apply_port_settings(port, settings)
+
+
+def _del_port(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("port")
+    found = _find_port(raw, str(name))
+    if found is None or (p.get("bridge") and found[0] != p["bridge"]):
+        if p.get("if_exists"):
+            return
+        where = f" on bridge {p['bridge']}" if p.get("bridge") else ""
+        raise ControlError(f"no port named {name}{where}", 2)
+    del raw["bridges"][found[0]]["ports"][name]
+
+
+def _set_port(raw: Raw, p: dict[str, Any]) -> None:
+    name = p.get("port")
+    found = _find_port(raw, str(name))
+    if found is None:
+        raise ControlError(f"no port named {name}", 2)
+    _apply_port_settings(found[1], p.get("settings") or {})
+
+
+def _apply_port_settings(port: Raw, settings: dict[str, Any]) -> None:
+    """``type``/``tag``/``trunks``/``vlan_mode`` and ``options:KEY``; "" or "[]" clears."""
+    for key, value in settings.items():
+        clear = value in ("", "[]", None)
+        if key.startswith("options:") and len(key) > 8:
+            opts = port.setdefault("options", {})
+            if clear:
+                opts.pop(key[8:], None)
+            else:
+                opts[key[8:]] = str(value)
+        elif key in PORT_KEYS:
+            if clear:
+                port.pop(key, None)
+            else:
+                port[key] = value
+        else:
+            raise ControlError(f"unknown port setting {key!r} (use type, tag, trunks, vlan_mode "
+                               "or options:KEY)", 2)

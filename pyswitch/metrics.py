@@ -1,0 +1,423 @@
+"""Prometheus metrics: a collector that snapshots the data path's counters at scrape time.
+
+Following prometheus.io's advice for exporters of counters owned elsewhere, the data
+path keeps plain integers and never touches a client-library object; at each scrape
+:class:`SwitchCollector` reads them through :mod:`pyswitch.stats` (the same reader as
+``pyswitch port-stats``, so the two agree) and yields ``CounterMetricFamily`` /
+``GaugeMetricFamily`` / ``HistogramMetricFamily`` snapshots.  A deleted port or bridge
+is simply absent from the next scrape.  Every metric is defined in this module and
+listed in ``docs/metrics.md``.
+
+:func:`start_metrics_server` serves them over HTTP on a thread of its own, with its own
+``CollectorRegistry`` (never the global one): default ``127.0.0.1:9477``
+(:data:`DEFAULT_ADDRESS`, :data:`DEFAULT_PORT`; 9477 is clear of the OVS exporters'
+9310/9475/1981 and node_exporter's 9100).  The HTTP thread only competes for the GIL;
+a collection reads a few ints per port and copies small dicts, so it is cheap.
+
+``prometheus_client`` (≈ 0.1 s to import) is imported only when a collection runs or a
+server starts, so ``pyswitch check`` and the configuration layer, which use
+:class:`MetricsConfig`, stay quick.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from . import __version__, stats
+from .config import ConfigError, Path
+from .port import MAX_BURST
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+    from prometheus_client.samples import Metric
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_PORT = 9477
+
+PORT_LABELS = ("bridge", "port", "type")
+
+#: stats key -> (metric name without ``_total``, help).  Counters, per port.
+PORT_COUNTERS = {
+    "rx_packets": ("pyswitch_port_rx_packets", "Frames the port received into the switch "
+                   "(for vhost-user: frames the guest sent)."),
+    "rx_bytes": ("pyswitch_port_rx_bytes", "Bytes of those frames (Ethernet header to "
+                 "payload, no FCS, no virtio-net header)."),
+    "rx_dropped": ("pyswitch_port_rx_dropped", "Frames dropped on the receive side "
+                   "(sum of the receive-side reasons)."),
+    "rx_errors": ("pyswitch_port_rx_errors", "Receive errors."),
+    "tx_packets": ("pyswitch_port_tx_packets", "Frames the switch transmitted out of the "
+                   "port (for vhost-user: frames put in the guest's receive queues)."),
+    "tx_bytes": ("pyswitch_port_tx_bytes", "Bytes of those frames."),
+    "tx_dropped": ("pyswitch_port_tx_dropped", "Frames dropped on the transmit side "
+                   "(sum of the transmit-side reasons)."),
+    "tx_errors": ("pyswitch_port_tx_errors", "Transmit errors."),
+}
+
+#: stats key -> (metric name, help, kind).  Per bridge.
+BRIDGE_METRICS = {
+    "mac_entries": ("pyswitch_bridge_mac_entries", "MAC table entries now.", "gauge"),
+    "mac_table_size": ("pyswitch_bridge_mac_table_size", "MAC table size limit.", "gauge"),
+    "mac_learned": ("pyswitch_bridge_mac_learned", "MAC entries learned.", "counter"),
+    "mac_moved": ("pyswitch_bridge_mac_moved", "Known MACs seen on another port.", "counter"),
+    "mac_aged": ("pyswitch_bridge_mac_aged", "MAC entries removed by aging.", "counter"),
+    "mac_evicted": ("pyswitch_bridge_mac_evicted", "MAC entries evicted by the size "
+                    "limit.", "counter"),
+    "frames": ("pyswitch_bridge_frames", "Frames the bridge processed.", "counter"),
+    "floods": ("pyswitch_bridge_flooded_frames", "Frames flooded (broadcast, multicast, "
+               "unknown unicast).", "counter"),
+    "forwarded": ("pyswitch_bridge_forwarded_frames", "Frames sent to the one port their "
+                  "destination MAC was learned on.", "counter"),
+    "ports": ("pyswitch_bridge_ports", "Ports on the bridge now.", "gauge"),
+    "flow_rules": ("pyswitch_bridge_flow_rules", "Flow-table rules now.", "gauge"),
+    "flow_cache_hits": ("pyswitch_bridge_flow_cache_hits", "Frames whose decision came "
+                        "from the flow cache.", "counter"),
+    "flow_cache_misses": ("pyswitch_bridge_flow_cache_misses", "Frames that went up to "
+                          "the flow tables.", "counter"),
+}
+
+#: Known ``vhost_stats`` keys -> help; other keys are exported too, help generic.
+VHOST_COUNTER_HELP = {
+    "connections": "Front-end connections accepted or made.",
+    "reconnects": "Connections after the first one.",
+    "disconnects": "Front-end disconnections.",
+    "kicks": "Kick eventfd wake-ups from the guest.",
+    "notifications_sent": "Call eventfd writes to the guest (interrupts).",
+    "notifications_suppressed": "Guest notifications skipped because the guest asked "
+                                "for none (event index or NO_INTERRUPT).",
+    "tx_disabled_discards": "Frames for the guest discarded while its queues were "
+                            "not enabled.",
+    "broken_rings": "Rings stopped because the guest broke the ring protocol.",
+}
+
+#: Upper bounds of the batch size histogram buckets (frames per received batch).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsConfig:
+    """Where ``/metrics`` is served; on by default, loopback by default."""
+
+    enabled: bool = True
+    address: str = DEFAULT_ADDRESS
+    port: int = DEFAULT_PORT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "address": self.address, "port": self.port}
+
+
+def parse_metrics_config(raw: Any, path: Path = ("metrics",)) -> MetricsConfig:
+    """Validate the YAML ``metrics:`` block; ``ConfigError`` names the bad field.
+
+    Accepts a mapping with ``enabled`` (bool), ``address`` (an IPv4/IPv6 literal;
+    ``0.0.0.0`` or ``::`` for every address) and ``port`` (0..65535, 0 = any free port),
+    or a bare boolean (``metrics: false``); ``None`` gives the defaults.
+    """
+    cfg = MetricsConfig()
+    if raw is None:
+        return cfg
+    if isinstance(raw, bool):
+        cfg.enabled = raw
+        return cfg
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a mapping (enabled, address, port) or a boolean")
+    for key in raw:
+        if key not in ("enabled", "address", "port"):
+            raise ConfigError(path + (str(key),), "unknown key (allowed: address, enabled, port)")
+    if "enabled" in raw:
+        if not isinstance(raw["enabled"], bool):
+            raise ConfigError(path + ("enabled",), "must be true or false")
+        cfg.enabled = raw["enabled"]
+    if "address" in raw:
+        cfg.address = _address(raw["address"], path + ("address",))
+    if "port" in raw:
+        port = raw["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(path + ("port",), f"must be a TCP port 0..65535, not {port!r}")
+        cfg.port = port
+    return cfg
+
+
+def _address(value: Any, path: Path) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, f"must be an IP address string, not {value!r}")
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise ConfigError(path, f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+# -- collection ------------------------------------------------------------------------------
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def _batch_bounds() -> list[int]:
+    """Histogram bucket bounds: powers of two up to ``MAX_BURST``, and ``MAX_BURST``."""
+    bounds = [b for b in BATCH_BUCKETS if b < MAX_BURST]
+    return bounds + [MAX_BURST]
+
+
+class _FlowTotals:
+    """Packets and bytes per (bridge, table, cookie) that never go backwards.
+
+    Rules come and go (``del-flows``, timeouts, an ``add`` that replaces a rule), and
+    their counters go with them; a plain sum per cookie would then drop.  So what a
+    rule had counted when it was last seen is kept ("retired") once it is gone.  What
+    a rule counted between the last scrape and its removal is not seen: the totals
+    may undercount, never decrease.  Totals of a deleted bridge are forgotten.
+    """
+
+    def __init__(self) -> None:
+        # id(entry) -> (entry, key, packets, bytes); holding the entry keeps its id unique.
+        self._seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
+        self._retired: dict[tuple[str, int, int], list[int]] = {}
+
+    def update(self, rules: dict[str, list[Any]]) -> dict[tuple[str, int, int], list[int]]:
+        """Fold in the rules of every bridge now; return ``{key: [packets, bytes]}``."""
+        seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
+        totals: dict[tuple[str, int, int], list[int]] = {}
+        for bname, entries in rules.items():
+            for e in entries:
+                key = (bname, e.flow.table, e.flow.cookie)
+                pk, by = e.n_packets, e.n_bytes
+                seen[id(e)] = (e, key, pk, by)
+                t = totals.setdefault(key, [0, 0])
+                t[0] += pk
+                t[1] += by
+        for i, (_, key, pk, by) in self._seen.items():
+            if i not in seen:
+                r = self._retired.setdefault(key, [0, 0])
+                r[0] += pk
+                r[1] += by
+        self._retired = {k: v for k, v in self._retired.items() if k[0] in rules}
+        for key, (pk, by) in self._retired.items():
+            t = totals.setdefault(key, [0, 0])
+            t[0] += pk
+            t[1] += by
+        self._seen = seen
+        return totals
+
+
+class SwitchCollector:
+    """A ``prometheus_client`` collector of one :class:`~pyswitch.switch.Switch`.
+
+    ``collect()`` may run on any thread, concurrently with the event loop (it only
+    reads; see :mod:`pyswitch.stats`) and with other scrapes (serialised by a lock).
+    """
+
+    def __init__(self, switch: Any) -> None:
+        self.switch = switch
+        self._lock = threading.Lock()
+        self._flows = _FlowTotals()
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            out = [self._build_info()]
+            out += self._port_metrics(stats.port_stats(self.switch))
+            out += self._bridge_metrics()
+            out += self._process_metrics(stats.process_stats(self.switch))
+        return [m for m in out if m.samples]
+
+    @staticmethod
+    def _build_info() -> Metric:
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily("pyswitch_build_info", "pyswitch version.", labels=["version"])
+        g.add_metric([__version__], 1)
+        return g
+
+    # -- ports -------------------------------------------------------------------------------
+    @staticmethod
+    def _port_metrics(ports: dict[str, dict[str, Any]]) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = list(PORT_LABELS)
+        counters = {key: CounterMetricFamily(name, doc, labels=labels)
+                    for key, (name, doc) in PORT_COUNTERS.items()}
+        dropped = CounterMetricFamily(
+            "pyswitch_port_dropped", "Frames dropped, by reason (vlan, no_buffer, mtu, flow, "
+            "bad_descriptor, tx_full, malformed, link_down).", labels=labels + ["reason"])
+        up = GaugeMetricFamily("pyswitch_port_link_up", "1 if the port's link is up "
+                               "(vhost-user: connected with a ring pair started).", labels=labels)
+        info = GaugeMetricFamily("pyswitch_port_info", "Port facts: the OpenFlow port "
+                                 "number on its bridge.", labels=labels + ["ofport"])
+        vhost = _VhostFamilies()
+        for name, s in ports.items():
+            lv = [s["bridge"], name, s["type"]]
+            for key, fam in counters.items():
+                fam.add_metric(lv, s[key])
+            for reason, n in sorted(s["drops"].items()):
+                dropped.add_metric(lv + [reason], n)
+            up.add_metric(lv, 1 if s["link_state"] == "up" else 0)
+            info.add_metric(lv + [str(s["ofport"])], 1)
+            if "vhost" in s:
+                vhost.add(lv, s["vhost"])
+        return [*counters.values(), dropped, up, info, *vhost.families()]
+
+    # -- bridges -----------------------------------------------------------------------------
+    def _bridge_metrics(self) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        fams: dict[str, Any] = {}
+        for key, (name, doc, kind) in BRIDGE_METRICS.items():
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            fams[key] = cls(name, doc, labels=["bridge"])
+        rules: dict[str, list[Any]] = {}
+        for bname, d in stats.bridge_stats(self.switch).items():
+            for key, value in d.items():
+                if key in fams:
+                    fams[key].add_metric([bname], value)
+            br = self.switch.bridges.get(bname)
+            entries = stats.flow_entries(br) if br is not None else None
+            if entries is not None:
+                rules[bname] = entries
+        return [*fams.values(), *self._flow_metrics(rules)]
+
+    def _flow_metrics(self, rules: dict[str, list[Any]]) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        labels = ["bridge", "table", "cookie"]
+        pk = CounterMetricFamily("pyswitch_flow_packets", "Frames matched by the flow rules "
+                                 "of a table with this cookie (per rule: dump-flows).", labels=labels)
+        by = CounterMetricFamily("pyswitch_flow_bytes", "Bytes of those frames.", labels=labels)
+        for (bname, table, cookie), (p, b) in sorted(self._flows.update(rules).items()):
+            lv = [bname, str(table), f"{cookie:#x}"]
+            pk.add_metric(lv, p)
+            by.add_metric(lv, b)
+        return [pk, by]
+
+    # -- process -----------------------------------------------------------------------------
+    @staticmethod
+    def _process_metrics(p: dict[str, Any]) -> list[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        it = CounterMetricFamily("pyswitch_loop_iterations", "Event loop iterations.")
+        it.add_metric([], p["loop_iterations"])
+        busy = CounterMetricFamily("pyswitch_loop_busy_seconds", "Time the event loop spent "
+                                   "working (servicing ports, timers, handlers), not waiting.")
+        busy.add_metric([], p["loop_busy_seconds"])
+        sizes = p["batch_sizes"]
+        buckets: list[tuple[str, float]] = []
+        for bound in _batch_bounds():
+            buckets.append((str(bound), sum(sizes[: bound + 1])))
+        buckets.append(("+Inf", sum(sizes)))
+        hist = HistogramMetricFamily("pyswitch_rx_batch_frames", "Frames per received batch "
+                                     "(only non-empty batches are counted).")
+        hist.add_metric([], buckets, sum_value=sum(n * c for n, c in enumerate(sizes)))
+        return [it, busy, hist]
+
+
+class _VhostFamilies:
+    """The vhost-user metric families of one collection, filled port by port."""
+
+    def __init__(self) -> None:
+        from prometheus_client.core import GaugeMetricFamily
+
+        labels = list(PORT_LABELS)
+        self.connected = GaugeMetricFamily(
+            "pyswitch_vhost_connected", "1 while a vhost-user front end is connected.",
+            labels=labels)
+        self.queue_pairs = GaugeMetricFamily(
+            "pyswitch_vhost_queue_pairs", "Queue pairs the guest has enabled now.", labels=labels)
+        self.features = GaugeMetricFamily(
+            "pyswitch_vhost_features_info", "Negotiated virtio and vhost-user protocol "
+            "feature bits (hex), 1 per port.", labels=labels + ["features", "protocol_features"])
+        self.counters: dict[str, Any] = {}
+
+    def add(self, lv: list[str], v: dict[str, Any]) -> None:
+        from prometheus_client.core import CounterMetricFamily
+
+        self.connected.add_metric(lv, 1 if v["connected"] else 0)
+        self.queue_pairs.add_metric(lv, v["queue_pairs"])
+        self.features.add_metric(lv + [v["features"], v["protocol_features"]], 1)
+        for key, n in sorted(v["counters"].items()):
+            fam = self.counters.get(key)
+            if fam is None:
+                doc = VHOST_COUNTER_HELP.get(key, f"vhost-user {key} (port counter).")
+                fam = CounterMetricFamily(f"pyswitch_vhost_{_metric_name(key)}", doc,
+                                          labels=list(PORT_LABELS))
+                self.counters[key] = fam
+            fam.add_metric(lv, n)
+
+    def families(self) -> list[Metric]:
+        return [self.connected, self.queue_pairs, self.features, *self.counters.values()]
+
+
+# -- the HTTP server -------------------------------------------------------------------------
+
+
+class MetricsError(OSError):
+    """The metrics endpoint cannot be served (address in use, bad address ...)."""
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; :meth:`close` stops it (idempotent)."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry,
+                 collector: SwitchCollector) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.registry = registry
+        self.collector = collector
+        self.address: str = httpd.server_address[0]
+        self.port: int = httpd.server_address[1]
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving, close the socket and join the thread (within ~1 s)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def make_registry(switch: Any) -> tuple[CollectorRegistry, SwitchCollector]:
+    """A fresh registry with the switch's collector and the standard process metrics."""
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    collector = SwitchCollector(switch)
+    registry.register(collector)  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry, collector
+
+
+def start_metrics_server(switch: Any, address: str = DEFAULT_ADDRESS,
+                         port: int = DEFAULT_PORT) -> MetricsServer:
+    """Serve ``switch``'s metrics at ``http://address:port/metrics`` from a daemon thread.
+
+    ``port=0`` picks a free port (read it back from ``.port``).  Uses its own registry.
+    Raises :class:`MetricsError` if the address cannot be bound.  The caller closes the
+    returned handle before closing the switch.
+    """
+    from prometheus_client import start_http_server
+
+    registry, collector = make_registry(switch)
+    try:
+        httpd, thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        raise MetricsError(exc.errno, f"cannot serve metrics on {address} port {port}: "
+                           f"{exc.strerror or exc}") from exc
+    server = MetricsServer(httpd, thread, registry, collector)
+    log.info("metrics: serving %s", server.url)
+    return server
