@@ -298,6 +298,14 @@ def test_port_names_are_resolved_through_the_bridge() -> None:
     assert calls == ["p", "p"]
     assert format_flow(f, ports) == "in_port=p actions=output:p"
     assert format_flow(f) == "in_port=42 actions=output:42"
+    # names that start with a digit are names; all-digit text is a number
+    ports = PortNames.from_dict({"1gig": 5, "9": 6})
+    assert parse_flow("in_port=1gig actions=output:9", ports).match.get(IN_PORT) == (5, 0xFFFF)
+    f = parse_flow("in_port=1gig actions=output:9", ports)
+    assert f.actions == (Action("output", 9),)
+    assert format_flow(parse_flow("in_port=6 actions=output:1gig", ports), ports) == (
+        "in_port=6 actions=output:1gig"  # port 6 is named "9": printed as its number
+    )
 
 
 # ---- property: random valid flows print and parse back to themselves -----------------

@@ -114,8 +114,9 @@ def format_ip_masked(value: int, mask: int, width: int) -> str:
 
 
 def parse_port(text: str, ports: PortNames | None) -> int:
-    """A port name (through ``ports``) or an OpenFlow port number 1..0xfeff."""
-    if text[:1].isdigit():
+    """An OpenFlow port number 1..0xfeff, or else a port name (through ``ports``):
+    all-digit (or 0x-hex) text is a number, as in ovs-ofctl."""
+    if _looks_numeric(text):
         return parse_int(text, OFPP_MAX - 1, 1)
     number = ports.to_number(text) if ports is not None else None
     if number is None:
@@ -124,8 +125,16 @@ def parse_port(text: str, ports: PortNames | None) -> int:
 
 
 def format_port(number: int, ports: PortNames | None) -> str:
+    """The port's name, or its number when it has none or the name would read back
+    as a number (or would not survive the flow syntax)."""
     name = ports.to_name(number) if ports is not None else None
-    return name if name is not None else str(number)
+    if name is None or not name or _looks_numeric(name) or any(c in name for c in ",=:() \t"):
+        return str(number)
+    return name
+
+
+def _looks_numeric(text: str) -> bool:
+    return text.isascii() and (text.isdigit() or text[:2].lower() == "0x")
 
 
 def parse_match_value(kind: str, text: str, ports: PortNames | None) -> tuple[int | None, int]:
