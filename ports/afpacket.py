@@ -24,7 +24,7 @@ import errno
 import mmap
 import socket
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from pyswitch.port import Frame, PortCounters, PortError
 
@@ -74,8 +74,9 @@ class PacketRing:
     says; ``mtu`` sets the size limit (``mtu + 14``, ``+ 4`` when VLAN-tagged).
     """
 
-    def __init__(self, ifname: str, mtu: int, counters: PortCounters,
-                 ring_bytes: int = RING_BYTES) -> None:
+    def __init__(
+        self, ifname: str, mtu: int, counters: PortCounters, ring_bytes: int = RING_BYTES
+    ) -> None:
         self.ifname = ifname
         self.mtu = mtu
         self.counters = counters
@@ -96,8 +97,9 @@ class PacketRing:
         self._slots = blocks * (block // self._slot)
         req = _TPACKET_REQ.pack(block, blocks, self._slot, self._slots)
         self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
-        self._mmap = mmap.mmap(self.sock.fileno(), block * blocks, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mmap = mmap.mmap(
+            self.sock.fileno(), block * blocks, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._mv = memoryview(self._mmap)
         # bind last: frames start arriving in the ring from here on.
         self.sock.bind((self.ifname, ETH_P_ALL))
@@ -107,8 +109,13 @@ class PacketRing:
 
     def receive(self, max_frames: int) -> list[Frame]:
         """Up to ``max_frames`` frames from the ring as views; never blocks."""
-        mv, mm, unpack, slot, nslots = self._mv, self._mmap, TPACKET2_HDR.unpack_from, \
-            self._slot, self._slots
+        mv, mm, unpack, slot, nslots = (
+            self._mv,
+            self._mmap,
+            TPACKET2_HDR.unpack_from,
+            self._slot,
+            self._slots,
+        )
         held, head, limit = self._held, self._head, self._limit
         out: list[Frame] = []
         nbytes = oversize = 0
@@ -124,16 +131,18 @@ class PacketRing:
             start = off + mac
             if status & TP_STATUS_VLAN_VALID:  # re-insert the tag the kernel took out
                 mm.move(start - 4, start, 12)
-                _VLAN_TAG.pack_into(mv, start + 8,
-                                    tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
+                _VLAN_TAG.pack_into(
+                    mv, start + 8, tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci
+                )
                 start -= 4
                 snap += 4
                 length += 4
-            if length > limit and (snap < length or length > limit + 4
-                                   or mv[start + 12:start + 14] not in VLAN_TPIDS):
+            if length > limit and (
+                snap < length or length > limit + 4 or mv[start + 12 : start + 14] not in VLAN_TPIDS
+            ):
                 oversize += 1
                 continue
-            out.append(mv[start:start + snap])
+            out.append(mv[start : start + snap])
             nbytes += snap
         self._head = head
         counters = self.counters
@@ -149,7 +158,7 @@ class PacketRing:
         """Give every slot handed out since the last release back to the kernel."""
         mv = self._mv
         for off in self._held:
-            mv[off:off + 4] = _STATUS_KERNEL
+            mv[off : off + 4] = _STATUS_KERNEL
         self._held.clear()
 
     def transmit(self, frames: Sequence[Frame]) -> int:

@@ -28,12 +28,12 @@ import errno
 import fcntl
 import socket
 import struct
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from pyroute2 import netns as pr_netns
+from pyswitch.ports.netlink import errors
 
 from pyswitch.port import PortError
-from pyswitch.ports.netlink import errors
 
 SIOCETHTOOL = 0x8946
 ETHTOOL_GSTRINGS = 0x1B
@@ -68,7 +68,8 @@ def is_switch_hostile(feature: str) -> bool:
     if feature in _GRO_FEATURES:
         return True
     return feature.startswith("tx-") and any(
-        word in feature for word in ("checksum", "segmentation", "scatter-gather", "gso"))
+        word in feature for word in ("checksum", "segmentation", "scatter-gather", "gso")
+    )
 
 
 def _ioctl(sock: socket.socket, ifname: str, buf: ctypes.Array[ctypes.c_char]) -> None:
@@ -90,25 +91,32 @@ def _socket_in(netns: str | None) -> Iterator[socket.socket]:
 
 
 def _feature_names(sock: socket.socket, ifname: str) -> list[str]:
-    buf = ctypes.create_string_buffer(_SSET_INFO.pack(ETHTOOL_GSSET_INFO, 0,
-                                                      1 << ETH_SS_FEATURES, 0))
+    buf = ctypes.create_string_buffer(
+        _SSET_INFO.pack(ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0)
+    )
     _ioctl(sock, ifname, buf)
     count = _SSET_INFO.unpack_from(buf.raw)[3]
     size = _GSTRINGS_HEAD.size + count * ETH_GSTRING_LEN
     buf = ctypes.create_string_buffer(
-        _GSTRINGS_HEAD.pack(ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count), size)
+        _GSTRINGS_HEAD.pack(ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count), size
+    )
     _ioctl(sock, ifname, buf)
-    raw = buf.raw[_GSTRINGS_HEAD.size:]
-    return [raw[i * ETH_GSTRING_LEN:(i + 1) * ETH_GSTRING_LEN].split(b"\0", 1)[0].decode()
-            for i in range(count)]
+    raw = buf.raw[_GSTRINGS_HEAD.size :]
+    return [
+        raw[i * ETH_GSTRING_LEN : (i + 1) * ETH_GSTRING_LEN].split(b"\0", 1)[0].decode()
+        for i in range(count)
+    ]
 
 
 def _blocks(sock: socket.socket, ifname: str, nblocks: int) -> list[tuple[int, int, int, int]]:
-    buf = ctypes.create_string_buffer(_FEATURES_HEAD.pack(ETHTOOL_GFEATURES, nblocks),
-                                      _FEATURES_HEAD.size + nblocks * _GBLOCK.size)
+    buf = ctypes.create_string_buffer(
+        _FEATURES_HEAD.pack(ETHTOOL_GFEATURES, nblocks),
+        _FEATURES_HEAD.size + nblocks * _GBLOCK.size,
+    )
     _ioctl(sock, ifname, buf)
-    return [_GBLOCK.unpack_from(buf.raw, _FEATURES_HEAD.size + i * _GBLOCK.size)
-            for i in range(nblocks)]
+    return [
+        _GBLOCK.unpack_from(buf.raw, _FEATURES_HEAD.size + i * _GBLOCK.size) for i in range(nblocks)
+    ]
 
 
 def features(ifname: str, netns: str | None = None) -> dict[str, bool]:
@@ -119,8 +127,9 @@ def features(ifname: str, netns: str | None = None) -> dict[str, bool]:
     return {name: bool(blocks[i // 32][2] >> (i % 32) & 1) for i, name in enumerate(names)}
 
 
-def disable_offloads(ifname: str, netns: str | None = None,
-                     select: Callable[[str], bool] = is_switch_hostile) -> list[str]:
+def disable_offloads(
+    ifname: str, netns: str | None = None, select: Callable[[str], bool] = is_switch_hostile
+) -> list[str]:
     """Request every changeable feature for which ``select(name)`` is true to be off;
     return the names that are still active afterwards (fixed on by the driver)."""
     with _socket_in(netns) as sock, errors(f"turning offloads off on {ifname!r}"):
@@ -132,11 +141,15 @@ def disable_offloads(ifname: str, netns: str | None = None,
                 valid[i // 32] |= 1 << (i % 32)
         buf = ctypes.create_string_buffer(
             _FEATURES_HEAD.pack(ETHTOOL_SFEATURES, nblocks)
-            + b"".join(_SBLOCK.pack(v, 0) for v in valid))
+            + b"".join(_SBLOCK.pack(v, 0) for v in valid)
+        )
         _ioctl(sock, ifname, buf)  # a positive return (some left on) is not an error
         blocks = _blocks(sock, ifname, nblocks)
-    return [n for i, n in enumerate(names)
-            if valid[i // 32] >> (i % 32) & 1 and blocks[i // 32][2] >> (i % 32) & 1]
+    return [
+        n
+        for i, n in enumerate(names)
+        if valid[i // 32] >> (i % 32) & 1 and blocks[i // 32][2] >> (i % 32) & 1
+    ]
 
 
 def get_offloads(ifname: str, netns: str | None = None) -> dict[str, bool]:

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -76,9 +76,7 @@ def parse_mtu(text: str, what: str = "mtu") -> int:
     return mtu
 
 
-def parse_cidrs(
-    text: str, what: str
-) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+def parse_cidrs(text: str, what: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
     """Parse a comma-separated list of ``addr/prefix`` (IPv4 or IPv6)."""
     out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
     for item in (s.strip() for s in text.split(",")):
@@ -186,8 +184,9 @@ def create_veth(ipr: IPRoute, name: str, peer: str) -> int:
         ipr.link("add", ifname=name, kind="veth", peer=peer)
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
-            raise PortError(f"cannot create veth {name!r}: an interface {name!r} or "
-                            f"{peer!r} already exists") from exc
+            raise PortError(
+                f"cannot create veth {name!r}: an interface {name!r} or {peer!r} already exists"
+            ) from exc
         raise PortError(f"cannot create veth {name!r}: {os.strerror(exc.code)}") from exc
     index = ifindex(ipr, name)
     if index is None:
@@ -218,7 +217,9 @@ def set_link(
     if mtu is not None:
         steps.append((f"setting MTU {mtu} on {name!r}", {"mtu": mtu}))
     if up is not None:
-        steps.append((f"setting {name!r} {'up' if up else 'down'}", {"state": "up" if up else "down"}))
+        steps.append(
+            (f"setting {name!r} {'up' if up else 'down'}", {"state": "up" if up else "down"})
+        )
     if netns is not None:
         steps.append((f"moving {name!r} into namespace {netns!r}", {"net_ns_fd": netns}))
     for doing, attrs in steps:
@@ -234,8 +235,9 @@ def add_addresses(
     for cidr in cidrs:
         extra = {"flags": IFA_F_NODAD} if cidr.version == 6 else {}
         with errors(f"adding address {cidr} to {name!r}"):
-            ipr.addr("add", index=index, address=str(cidr.ip),
-                     prefixlen=cidr.network.prefixlen, **extra)
+            ipr.addr(
+                "add", index=index, address=str(cidr.ip), prefixlen=cidr.network.prefixlen, **extra
+            )
 
 
 def add_default_route(ipr: IPRoute, gateway: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:

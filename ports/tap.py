@@ -23,10 +23,12 @@ import fcntl
 import logging
 import os
 import struct
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from pyswitch.ports import netlink as nl
 
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
-from pyswitch.ports import netlink as nl
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ class TapPort(Port):
     def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
         super().__init__(name, options)
         opts = self.options
-        self.ifname = nl.check_ifname(opts.get("ifname", name),
-                                      "ifname" if "ifname" in opts else f"port {name!r}")
+        self.ifname = nl.check_ifname(
+            opts.get("ifname", name), "ifname" if "ifname" in opts else f"port {name!r}"
+        )
         self._addresses = nl.parse_cidrs(opts["address"], "address") if "address" in opts else []
         self._mac = nl.parse_mac(opts["mac"], "mac") if "mac" in opts else None
         self._mtu = nl.parse_mtu(opts["mtu"]) if "mtu" in opts else DEFAULT_MTU
@@ -183,8 +186,12 @@ class TapPort(Port):
         return "up" if self._fd >= 0 and nl.link_is_up(self.ifname) else "down"
 
     def status(self) -> dict[str, Any]:
-        return {"ifname": self.ifname, "mtu": self._mtu, "open": self._fd >= 0,
-                "address": [str(a) for a in self._addresses]}
+        return {
+            "ifname": self.ifname,
+            "mtu": self._mtu,
+            "open": self._fd >= 0,
+            "address": [str(a) for a in self._addresses],
+        }
 
 
 def _open_tap(ifname: str) -> int:

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
-from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
 from pyswitch.ports import ethtool
 from pyswitch.ports import netlink as nl
 from pyswitch.ports.afpacket import PacketRing
+
+from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,10 @@ def parse_options(name: str, options: Mapping[str, str]) -> VethConfig:
         cfg.addresses = nl.parse_cidrs(options["peer-address"], "peer-address")
     if "peer-gateway" in options:
         if cfg.netns is None:
-            raise PortError("peer-gateway: needs netns (refusing to change the default "
-                            "route of the switch's own namespace)")
+            raise PortError(
+                "peer-gateway: needs netns (refusing to change the default "
+                "route of the switch's own namespace)"
+            )
         cfg.gateway = nl.parse_ip(options["peer-gateway"], "peer-gateway")
     if "mtu" in options:
         cfg.mtu = nl.parse_mtu(options["mtu"])
@@ -164,22 +168,28 @@ class VethPort(Port):
     def _disable_offloads(self, ifname: str) -> None:
         left = ethtool.disable_offloads(ifname)
         if left:
-            log.warning("port %s: %s keeps offloads the driver will not turn off: %s",
-                        self.name, ifname, ", ".join(left))
+            log.warning(
+                "port %s: %s keeps offloads the driver will not turn off: %s",
+                self.name,
+                ifname,
+                ", ".join(left),
+            )
 
     def _check_names_free(self) -> None:
         cfg = self.config
         with nl.rtnl() as ipr:
             if nl.ifindex(ipr, self.name) is not None:
-                raise PortError(f"cannot create veth {self.name!r}: an interface of that "
-                                "name already exists")
+                raise PortError(
+                    f"cannot create veth {self.name!r}: an interface of that name already exists"
+                )
             if not cfg.netns and nl.ifindex(ipr, cfg.peer) is not None:
                 raise PortError(f"peer-name: an interface {cfg.peer!r} already exists")
         if cfg.netns and nl.netns_exists(cfg.netns):
             with nl.rtnl(cfg.netns) as nsipr:
                 if nl.ifindex(nsipr, cfg.peer) is not None:
-                    raise PortError(f"peer-name: {cfg.peer!r} already exists in namespace "
-                                    f"{cfg.netns!r}")
+                    raise PortError(
+                        f"peer-name: {cfg.peer!r} already exists in namespace {cfg.netns!r}"
+                    )
 
     def _use_netns(self, ns: str) -> None:
         if ns in _created_netns:
@@ -221,7 +231,7 @@ class VethPort(Port):
         for what, step in steps:
             try:
                 step()
-            except Exception as exc:  # keep tearing down the rest
+            except Exception as exc:  # noqa: BLE001 - keep tearing down the rest
                 log.warning("port %s: %s failed: %s", self.name, what, exc)
 
     def _delete_link(self) -> None:

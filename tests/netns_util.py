@@ -30,7 +30,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Self
 
 import pytest
 
@@ -72,16 +73,17 @@ def netns_exists(name: str) -> bool:
 def link_exists(name: str, netns: str | None = None) -> bool:
     """Whether interface ``name`` exists in ``netns`` (default: the test's namespace)."""
     argv = ["ip"] + (["-n", netns] if netns else []) + ["link", "show", "dev", name]
-    return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+    return subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
 
 
-def ns_exec(netns: str | None, *argv: str, timeout: float = 20,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def ns_exec(
+    netns: str | None, *argv: str, timeout: float = 20, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` inside ``netns`` (``ip netns exec``; None = here), wait at most
     ``timeout`` s, return the completed process (text output).  ``check`` fails the test
     with the command's output if it exits non-zero."""
     full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(full)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -112,8 +114,9 @@ def ns_process(netns: str | None, *argv: str, **popen: object) -> Iterator[subpr
 
 def kill_netns_pids(name: str) -> None:
     """SIGKILL every process still running inside namespace ``name``."""
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                         timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
     for pid in out.split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
@@ -123,7 +126,7 @@ def remove_netns(name: str) -> None:
     """Kill what runs in ``name`` and delete it; absent is fine."""
     if netns_exists(name):
         kill_netns_pids(name)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)
 
 
 @contextlib.contextmanager
@@ -161,8 +164,9 @@ def cleanup() -> Iterator[Callable[[Callable[[], object]], None]]:
             fn()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
-               interval: float = 0.01) -> bool:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
+) -> bool:
     """Poll ``predicate`` until truthy or ``timeout`` s passed; return its last truth."""
     deadline = time.monotonic() + timeout
     while True:
@@ -176,7 +180,7 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
 class _PollIO:
     """The minimal ``PortIO`` a :class:`PortWire` gives its ports."""
 
-    def __init__(self, wire: "PortWire", index: int) -> None:
+    def __init__(self, wire: PortWire, index: int) -> None:
         self._wire, self._index = wire, index
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -216,7 +220,7 @@ class PortWire:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="port-wire", daemon=True)
 
-    def __enter__(self) -> "PortWire":
+    def __enter__(self) -> Self:
         for i, port in enumerate(self.ports):
             port.attach(_PollIO(self, i))  # type: ignore[attr-defined]
         self._thread.start()
@@ -233,7 +237,7 @@ class PortWire:
             while not self._stop.is_set():
                 for fd, _ in self._poll.poll(50):
                     self._service(self._fds[fd])
-        except BaseException as exc:  # surfaced in __exit__
+        except BaseException as exc:  # noqa: BLE001 - surfaced in __exit__
             self._error = exc
 
     def _service(self, index: int) -> None:

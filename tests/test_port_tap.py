@@ -12,15 +12,16 @@ import json
 import random
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Self
 
 import pytest
+from pyswitch.ports.tap import TapPort
+from pyswitch.ports.veth import VethPort
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from pyswitch.port import PortError, port_type
-from pyswitch.ports.tap import TapPort
-from pyswitch.ports.veth import VethPort
 from tests.netns_util import (
     PortWire,
     cleanup,  # noqa: F401 - fixture
@@ -65,7 +66,7 @@ class Responder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Responder":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -85,12 +86,18 @@ class Responder:
 
     def answer(self, pkt: Ether) -> bytes | None:
         if ARP in pkt and pkt[ARP].op == 1 and pkt[ARP].pdst == self.ip:
-            return bytes(Ether(src=self.mac, dst=pkt.src) / ARP(
-                op=2, hwsrc=self.mac, psrc=self.ip, hwdst=pkt[ARP].hwsrc, pdst=pkt[ARP].psrc))
+            return bytes(
+                Ether(src=self.mac, dst=pkt.src)
+                / ARP(op=2, hwsrc=self.mac, psrc=self.ip, hwdst=pkt[ARP].hwsrc, pdst=pkt[ARP].psrc)
+            )
         if ICMP in pkt and pkt[ICMP].type == 8 and pkt[IP].dst == self.ip:
             ip, icmp = pkt[IP], pkt[ICMP]
-            return bytes(Ether(src=self.mac, dst=pkt.src) / IP(src=self.ip, dst=ip.src) / ICMP(
-                type=0, id=icmp.id, seq=icmp.seq) / bytes(icmp.payload))
+            return bytes(
+                Ether(src=self.mac, dst=pkt.src)
+                / IP(src=self.ip, dst=ip.src)
+                / ICMP(type=0, id=icmp.id, seq=icmp.seq)
+                / bytes(icmp.payload)
+            )
         return None
 
 
@@ -108,8 +115,9 @@ def test_host_pings_an_address_behind_the_tap(open_tap: Callable, subnet: str) -
 
 def test_address_mac_mtu_set_and_device_removed(open_tap: Callable, subnet: str) -> None:
     name = unique_name()
-    port = open_tap(name, address=f"{subnet}.1/24,fd00:198::1/64",
-                    mac="02:00:00:00:bb:01", mtu="1400")
+    port = open_tap(
+        name, address=f"{subnet}.1/24,fd00:198::1/64", mac="02:00:00:00:bb:01", mtu="1400"
+    )
     info = json.loads(ns_exec(None, "ip", "-j", "addr", "show", "dev", name).stdout)[0]
     assert info["address"] == "02:00:00:00:bb:01" and info["mtu"] == 1400
     assert "UP" in info["flags"]
@@ -168,8 +176,11 @@ def test_invalid_options_name_the_option(options: dict[str, str], message: str) 
         port_type("tap").validate_options("tap0", options)
 
 
-def test_namespace_pings_host_through_veth_and_tap(open_tap: Callable, subnet: str,
-                                                  cleanup: Callable) -> None:  # noqa: F811
+def test_namespace_pings_host_through_veth_and_tap(
+    open_tap: Callable,
+    subnet: str,
+    cleanup: Callable,  # noqa: F811
+) -> None:
     """veth (namespace) <-> wire <-> TAP (host stack): the namespace pings the host."""
     tap = open_tap(unique_name(), address=f"{subnet}.1/24")
     veth = VethPort(unique_name(), {"netns": unique_name(), "peer-address": f"{subnet}.2/24"})

@@ -7,16 +7,16 @@ import json
 import re
 import socket
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pyroute2 import netns as pr_netns
+from pyswitch.ports import ethtool
+from pyswitch.ports.veth import VethPort
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from pyswitch.port import PortError, port_type
-from pyswitch.ports import ethtool
-from pyswitch.ports.veth import VethPort
 from tests.netns_util import (
     PortWire,
     cleanup,  # noqa: F401 - fixture
@@ -70,8 +70,10 @@ def receive_until(port: VethPort, match: Callable[[Ether], bool], timeout: float
 
 
 def arp_request(src_mac: str, src_ip: str, dst_ip: str) -> bytes:
-    return bytes(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff")
-                 / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=dst_ip))
+    return bytes(
+        Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff")
+        / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=dst_ip)
+    )
 
 
 def test_arp_and_icmp_echo_with_peer_in_namespace(open_port: Callable) -> None:
@@ -82,8 +84,12 @@ def test_arp_and_icmp_echo_with_peer_in_namespace(open_port: Callable) -> None:
     assert reply[ARP].hwsrc == PEER_MAC and reply[ARP].psrc == PEER_IP
     assert reply[Ether].dst == PORT_MAC
 
-    echo = Ether(src=PORT_MAC, dst=PEER_MAC) / IP(src=PORT_IP, dst=PEER_IP) / ICMP(
-        type=8, id=0x4242, seq=7) / (b"pyswitch" * 8)
+    echo = (
+        Ether(src=PORT_MAC, dst=PEER_MAC)
+        / IP(src=PORT_IP, dst=PEER_IP)
+        / ICMP(type=8, id=0x4242, seq=7)
+        / (b"pyswitch" * 8)
+    )
     assert port.transmit([bytes(echo)]) == 1
     answer = receive_until(port, lambda p: ICMP in p and p[ICMP].type == 0)
     assert (answer[ICMP].id, answer[ICMP].seq) == (0x4242, 7)
@@ -96,8 +102,14 @@ def test_arp_and_icmp_echo_with_peer_in_namespace(open_port: Callable) -> None:
 
 def test_namespace_created_configured_and_removed(open_port: Callable) -> None:
     ns, name = unique_name(), unique_name()
-    port = open_port(name, netns=ns, peer_mac=PEER_MAC, mtu="1400",
-                     peer_address=f"{PEER_IP}/24,fd00:201::2/64", peer_gateway=PORT_IP)
+    port = open_port(
+        name,
+        netns=ns,
+        peer_mac=PEER_MAC,
+        mtu="1400",
+        peer_address=f"{PEER_IP}/24,fd00:201::2/64",
+        peer_gateway=PORT_IP,
+    )
     assert netns_exists(ns)
     links = json.loads(ns_exec(ns, "ip", "-j", "addr", "show").stdout)
     eth0 = next(link for link in links if link["ifname"] == "eth0")
@@ -140,10 +152,16 @@ def test_offloads_are_off_on_both_ends(open_port: Callable) -> None:
     ns, name = unique_name(), unique_name()
     open_port(name, netns=ns)
     text = ns_exec(ns, ethtool_bin, "-k", "eth0").stdout
-    for feature in ("tx-checksumming", "tcp-segmentation-offload",
-                    "generic-segmentation-offload", "scatter-gather"):
-        assert re.search(rf"^{feature}: off", text, re.M), f"{feature} not off:\n{text}"
-    still_on = re.findall(r"^\s*(tx-\S*(?:segmentation|checksum)\S*): on(?! \[fixed\])", text, re.M)
+    for feature in (
+        "tx-checksumming",
+        "tcp-segmentation-offload",
+        "generic-segmentation-offload",
+        "scatter-gather",
+    ):
+        assert re.search(rf"^{feature}: off", text, re.MULTILINE), f"{feature} not off:\n{text}"
+    still_on = re.findall(
+        r"^\s*(tx-\S*(?:segmentation|checksum)\S*): on(?! \[fixed\])", text, re.MULTILINE
+    )
     assert not still_on, f"still on in the namespace: {still_on}"
     assert not any(ethtool.get_offloads("eth0", netns=ns).values())
     assert not any(ethtool.get_offloads(name).values())
@@ -151,11 +169,13 @@ def test_offloads_are_off_on_both_ends(open_port: Callable) -> None:
     assert mine and not [f for f, on in mine.items() if on and ethtool.is_switch_hostile(f)]
 
 
-def test_existing_interface_attach(open_port: Callable, netns_factory: Callable,  # noqa: F811
-                                   cleanup: Callable) -> None:  # noqa: F811
+def test_existing_interface_attach(
+    open_port: Callable,
+    netns_factory: Callable,  # noqa: F811
+    cleanup: Callable,  # noqa: F811
+) -> None:
     ns, name = netns_factory(), unique_name()
-    ns_exec(None, "ip", "link", "add", name, "type", "veth", "peer", "name", "eth0",
-            "netns", ns)
+    ns_exec(None, "ip", "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", ns)
     cleanup(lambda: ns_exec(None, "ip", "link", "del", name, check=False))
     ns_exec(None, "ip", "link", "set", name, "up")
     ns_exec(ns, "ip", "link", "set", "eth0", "up", "address", PEER_MAC)
@@ -224,10 +244,19 @@ def test_vlan_tag_survives_receive(open_port: Callable) -> None:
     The peer sends tagged frames from a packet socket inside its namespace."""
     ns = unique_name()
     port = open_port(unique_name(), netns=ns, peer_mac=PEER_MAC)
-    tagged = Ether(src=PEER_MAC, dst=PORT_MAC) / Dot1Q(vlan=10, prio=3) / IP(
-        src=PEER_IP, dst=PORT_IP) / ICMP(id=0x77)
-    qinq = Ether(src=PEER_MAC, dst=PORT_MAC, type=0x88A8) / Dot1Q(vlan=20) / Dot1Q(vlan=30) / IP(
-        src=PEER_IP, dst=PORT_IP) / ICMP(id=0x78)
+    tagged = (
+        Ether(src=PEER_MAC, dst=PORT_MAC)
+        / Dot1Q(vlan=10, prio=3)
+        / IP(src=PEER_IP, dst=PORT_IP)
+        / ICMP(id=0x77)
+    )
+    qinq = (
+        Ether(src=PEER_MAC, dst=PORT_MAC, type=0x88A8)
+        / Dot1Q(vlan=20)
+        / Dot1Q(vlan=30)
+        / IP(src=PEER_IP, dst=PORT_IP)
+        / ICMP(id=0x78)
+    )
     sock = pr_netns.create_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
     try:
         sock.bind(("eth0", 0))
@@ -275,5 +304,7 @@ def test_ping_and_iperf3_tcp_between_namespaces(open_port: Callable) -> None:
     result = json.loads(run.stdout)
     received = result["end"]["sum_received"]
     assert received["bytes"] > 0
-    print(f"\niperf3 TCP through the Python wire: {received['bits_per_second'] / 1e6:.0f} Mbit/s, "
-          f"{wire.frames} frames forwarded, drops a={a.counters.drops} b={b.counters.drops}")
+    print(
+        f"\niperf3 TCP through the Python wire: {received['bits_per_second'] / 1e6:.0f} Mbit/s, "
+        f"{wire.frames} frames forwarded, drops a={a.counters.drops} b={b.counters.drops}"
+    )
