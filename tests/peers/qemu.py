@@ -88,40 +88,26 @@ def qemu_argv(
     else:
         raise ValueError(f"role must be 'client' or 'server', not {role!r}")
     device = f"virtio-net-pci,netdev=n0,mac={mac},romfile=" + ("" if msix else ",vectors=0")
-    return [
-        require_binary(QEMU, QEMU_PACKAGE),
-        "-name",
-        name,
-        "-accel",
-        "tcg",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-smp",
-        "1",
-        "-m",
-        str(memory_mb),
-        "-object",
-        f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
-        "-numa",
-        "node,memdev=mem",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initramfs),
-        "-append",
-        cmdline,
-        "-serial",
-        f"file:{console}",
-        "-chardev",
-        chardev,
-        "-netdev",
-        "vhost-user,id=n0,chardev=c0",
-        "-device",
-        device,
+    options = [
+        ("-name", name),
+        ("-accel", "tcg"),
+        ("-nodefaults",),
+        ("-no-user-config",),
+        ("-display", "none"),
+        ("-no-reboot",),
+        ("-smp", "1"),
+        ("-m", str(memory_mb)),
+        ("-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on"),
+        ("-numa", "node,memdev=mem"),
+        ("-kernel", str(kernel)),
+        ("-initrd", str(initramfs)),
+        ("-append", cmdline),
+        ("-serial", f"file:{console}"),
+        ("-chardev", chardev),
+        ("-netdev", "vhost-user,id=n0,chardev=c0"),
+        ("-device", device),
     ]
+    return [require_binary(QEMU, QEMU_PACKAGE), *(word for option in options for word in option)]
 
 
 class Guest:
@@ -184,8 +170,8 @@ class Guest:
             return ""
 
     def _poll(self) -> None:
-        """Note the host time at which each new console line was first seen."""
-        lines = self.console_text().splitlines()
+        """Note the host time at which each new complete console line was first seen."""
+        lines = self.console_text().split("\n")[:-1]  # the last piece is an unfinished line
         now = time.monotonic() - self.started
         for line in lines[len(self._lines) :]:
             self._lines.append((line.strip(), now))
