@@ -24,9 +24,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from . import __version__, stats
 from .config import ConfigError, Path
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9477
+
+#: How often the server thread checks for close() (seconds): bounds close()'s wait.
+POLL_INTERVAL = 0.05
 
 PORT_LABELS = ("bridge", "port", "type")
 
@@ -362,17 +368,30 @@ class MetricsError(OSError):
     """The metrics endpoint cannot be served (address in use, bad address ...)."""
 
 
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    """One thread per request; request threads never block shutdown."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        """Scrapes are not logged (one every few seconds, forever)."""
+
+
 class MetricsServer:
     """A running ``/metrics`` endpoint; :meth:`close` stops it (idempotent)."""
 
-    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry,
+    def __init__(self, httpd: _HTTPServer, registry: CollectorRegistry,
                  collector: SwitchCollector) -> None:
         self._httpd = httpd
-        self._thread = thread
         self.registry = registry
         self.collector = collector
         self.address: str = httpd.server_address[0]
         self.port: int = httpd.server_address[1]
+        self._thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,),
+                                        name="pyswitch-metrics", daemon=True)
+        self._thread.start()
         self._closed = False
 
     @property
@@ -381,7 +400,7 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        """Stop serving, close the socket and join the thread (within ~1 s)."""
+        """Stop serving, close the listening socket, join the thread."""
         if self._closed:
             return
         self._closed = True
@@ -406,18 +425,21 @@ def start_metrics_server(switch: Any, address: str = DEFAULT_ADDRESS,
                          port: int = DEFAULT_PORT) -> MetricsServer:
     """Serve ``switch``'s metrics at ``http://address:port/metrics`` from a daemon thread.
 
-    ``port=0`` picks a free port (read it back from ``.port``).  Uses its own registry.
-    Raises :class:`MetricsError` if the address cannot be bound.  The caller closes the
-    returned handle before closing the switch.
+    ``address`` is an IP literal (``::`` listens on IPv6 and IPv4).  ``port=0`` picks a
+    free port (read it back from ``.port``).  Uses its own registry.  Raises
+    :class:`MetricsError` if the address cannot be bound.  Close the returned handle
+    before closing the switch.
     """
-    from prometheus_client import start_http_server
+    from prometheus_client import make_wsgi_app
 
     registry, collector = make_registry(switch)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    server_class = type("_Server", (_HTTPServer,), {"address_family": family})
     try:
-        httpd, thread = start_http_server(port, addr=address, registry=registry)
+        httpd = make_server(address, port, make_wsgi_app(registry), server_class, _QuietHandler)
     except OSError as exc:
         raise MetricsError(exc.errno, f"cannot serve metrics on {address} port {port}: "
                            f"{exc.strerror or exc}") from exc
-    server = MetricsServer(httpd, thread, registry, collector)
+    server = MetricsServer(httpd, registry, collector)
     log.info("metrics: serving %s", server.url)
     return server

@@ -8,8 +8,10 @@ life cycle, the flow-table counters, and agreement with ``port_stats``.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 import urllib.request
 from typing import Any, Iterator
 
@@ -74,6 +76,25 @@ def port_labels(sw: Switch, name: str) -> dict[str, str]:
 
 def has_port(samples: Samples, port: str) -> bool:
     return any(("port", port) in labels for _, labels in samples)
+
+
+@contextlib.contextmanager
+def running(sw: Switch) -> Iterator[MetricsServer]:
+    """Serve ``sw``'s metrics and run its event loop on a thread; both stopped on exit."""
+    srv = start_metrics_server(sw, port=0)
+    th = threading.Thread(target=sw.run, name="pst-switch-loop")
+    th.start()
+    try:
+        deadline = time.monotonic() + 5
+        while sw.loop.iterations == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # run() has started: a stop() from now on is seen
+        assert sw.loop.iterations > 0, "the switch loop did not start"
+        yield srv
+    finally:
+        srv.close()
+        sw.stop()
+        th.join(10)
+        assert not th.is_alive(), "the switch loop did not stop"
 
 
 @pytest.fixture
