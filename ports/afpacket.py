@@ -108,7 +108,11 @@ class PacketRing:
         return self.sock.fileno()
 
     def receive(self, max_frames: int) -> list[Frame]:
-        """Up to ``max_frames`` frames from the ring as views; never blocks."""
+        """Up to ``max_frames`` frames from the ring as views; never blocks.
+
+        At most ``max_frames`` slots are examined, so a batch of oversized (dropped)
+        frames may return fewer frames, even none, while more are pending; the fd stays
+        readable then.  Slots of dropped frames go straight back to the kernel."""
         mv, mm, unpack, slot, nslots = (
             self._mv,
             self._mmap,
@@ -120,13 +124,12 @@ class PacketRing:
         out: list[Frame] = []
         nbytes = oversize = 0
         lost = False
-        while len(out) < max_frames:
+        for _ in range(max_frames):  # slots examined, dropped ones included: bounded work
             off = head * slot
             status, length, snap, mac, _net, _s, _ns, tci, tpid = unpack(mv, off)
             if not status & TP_STATUS_USER:
                 break
             head = head + 1 if head + 1 < nslots else 0
-            held.append(off)
             lost |= bool(status & TP_STATUS_LOSING)
             start = off + mac
             if status & TP_STATUS_VLAN_VALID:  # re-insert the tag the kernel took out
@@ -141,7 +144,9 @@ class PacketRing:
                 snap < length or length > limit + 4 or mv[start + 12 : start + 14] not in VLAN_TPIDS
             ):
                 oversize += 1
+                mv[off : off + 4] = _STATUS_KERNEL  # nobody will release() a dropped slot
                 continue
+            held.append(off)
             out.append(mv[start : start + snap])
             nbytes += snap
         self._head = head
@@ -171,6 +176,9 @@ class PacketRing:
             n = len(frame)
             if n > limit and (n > limit + 4 or bytes(frame[12:14]) not in VLAN_TPIDS):
                 counters.drop("mtu", rx=False)
+                continue
+            if n < 14:  # not even an Ethernet header
+                counters.drop("malformed", rx=False)
                 continue
             try:
                 send(frame)

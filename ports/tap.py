@@ -166,6 +166,9 @@ class TapPort(Port):
             if n > limit and (n > limit + 4 or bytes(frame[12:14]) not in VLAN_TPIDS):
                 counters.drop("mtu", rx=False)
                 continue
+            if n < 14:  # not even an Ethernet header
+                counters.drop("malformed", rx=False)
+                continue
             try:
                 write(fd, frame)
             except OSError as exc:

@@ -152,8 +152,8 @@ def test_mtu_and_link_down_drops(open_tap: Callable) -> None:
     port = open_tap(name, mtu="1000")
     header = bytes(Ether(src="02:00:00:00:bb:01", dst="02:00:00:00:bb:02", type=0x0800))
     tagged = bytes(Ether(src="02:00:00:00:bb:01", dst="02:00:00:00:bb:02") / Dot1Q(vlan=3))
-    assert port.transmit([header + bytes(1001), tagged + bytes(1000)]) == 1
-    assert port.counters.drops == {"mtu": 1}
+    assert port.transmit([header + bytes(1001), tagged + bytes(1000), b"", bytes(13)]) == 1
+    assert port.counters.drops == {"mtu": 1, "malformed": 2}
     ns_exec(None, "ip", "link", "set", name, "down")
     assert port.link_state() == "down"
     assert port.transmit([header + bytes(100)] * 3) == 0

@@ -281,12 +281,38 @@ def test_mtu_and_link_down_drops(open_port: Callable) -> None:
     port = open_port(name, netns=unique_name(), mtu="1000")
     big = bytes(Ether(src=PORT_MAC, dst=PEER_MAC, type=0x0800)) + bytes(1001)
     tagged_ok = bytes(Ether(src=PORT_MAC, dst=PEER_MAC) / Dot1Q(vlan=5)) + bytes(1000)
-    assert port.transmit([big, tagged_ok]) == 1
-    assert port.counters.drops == {"mtu": 1} and port.counters.tx_dropped == 1
+    assert port.transmit([big, tagged_ok, b"", bytes(13)]) == 1
+    assert port.counters.drops == {"mtu": 1, "malformed": 2} and port.counters.tx_dropped == 3
     ns_exec(None, "ip", "link", "set", name, "down")
     assert port.link_state() == "down"
     assert port.transmit([tagged_ok, tagged_ok]) == 0
     assert port.counters.drops["link_down"] == 2
+
+
+def test_oversized_received_frames_dropped_and_slots_reused(open_port: Callable) -> None:
+    """Frames over the port's MTU (the switch end's MTU raised behind the port's back)
+    are dropped as ``mtu``; their ring slots go back to the kernel even though the
+    switch never release()s an empty batch: 1200 drops > 1024 ring slots."""
+    ns, name = unique_name(), unique_name()
+    port = open_port(name, netns=ns, peer_mac=PEER_MAC, mtu="1000")
+    ns_exec(None, "ip", "link", "set", name, "mtu", "1400")
+    ns_exec(ns, "ip", "link", "set", "eth0", "mtu", "1400")
+    head = bytes(Ether(src=PEER_MAC, dst=PORT_MAC, type=0x88B5))
+    sock = pr_netns.create_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    try:
+        sock.bind(("eth0", 0))
+        for _ in range(12):  # 100 at a time: under the kernel's backlog and ring sizes
+            for _ in range(100):
+                sock.send(head + bytes(1200))
+            for _ in range(10):  # an all-dropped batch returns nothing: no release()
+                if port.receive(32):
+                    port.release()
+        sock.send(head + b"last" + bytes(60))
+    finally:
+        sock.close()
+    receive_until(port, lambda p: bytes(p).startswith(head + b"last"))
+    assert port.counters.drops["mtu"] == 1200 and port.counters.rx_dropped == 1200
+    assert port.status()["ring_slots"] < 1200
 
 
 def test_ping_and_iperf3_tcp_between_namespaces(open_port: Callable) -> None:
