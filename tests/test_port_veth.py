@@ -4,6 +4,7 @@ answers what the port transmits, and what it answers comes back through ``receiv
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -214,6 +215,18 @@ def test_failure_after_creation_cleans_up(open_port: Callable) -> None:
     with pytest.raises(PortError, match="default route"):
         open_port(name, netns=ns, peer_gateway="192.0.2.1")
     assert not link_exists(name) and not netns_exists(ns)
+
+
+def test_broken_namespace_fails_cleanly(open_port: Callable, cleanup: Callable) -> None:  # noqa: F811
+    """A stale /var/run/netns entry (a file, not a namespace) is a clear PortError."""
+    ns, name = unique_name(), unique_name()
+    path = f"/var/run/netns/{ns}"
+    os.makedirs("/var/run/netns", exist_ok=True)
+    open(path, "w").close()
+    cleanup(lambda: os.unlink(path))
+    with pytest.raises(PortError, match=f"namespace '{ns}'"):
+        open_port(name, netns=ns)
+    assert not link_exists(name) and os.path.isfile(path), "must not touch what it did not make"
 
 
 @pytest.mark.parametrize(
