@@ -316,17 +316,29 @@ def _split_chain(argv: list[str]) -> list[list[str]]:
     return [c for c in chain if c]
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but KEY=VALUE words may also follow options (``add-port br0 p --type
+    memory tag=7``), as ovs-vsctl allows."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = "names" if hasattr(args, "names") else "settings"
+        if not hasattr(args, target) or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, target).extend(extra)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     segments = _split_chain(list(sys.argv[1:] if argv is None else argv)) or [[]]
-    args = parser.parse_args(segments[0])
+    args = _parse(parser, segments[0])
     setup_logging(args.log_level)
     args.rundir = args.rundir or default_rundir()
     try:
         if args.verb in MUTATING or len(segments) > 1:
             steps = [request_of(args)]
             for seg in segments[1:]:
-                more = parser.parse_args(seg)
+                more = _parse(parser, seg)
                 if more.verb not in MUTATING:
                     raise UsageError(f"{more.verb} cannot be chained with --")
                 steps.append(request_of(more))

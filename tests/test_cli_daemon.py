@@ -1,0 +1,249 @@
+"""The CLI end to end against a real daemon process: verbs, JSON, errors, persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+
+from tests.daemon_proc import DaemonProcess, daemon, open_rundir  # noqa: F401
+from tests.switch_proc import ROOT, leftovers, prefix  # noqa: F401
+from tests.test_e2e_namespaces import ping
+
+
+def test_every_verb_and_its_json(daemon):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    d.cli("add-br", "br1", "mac_aging_time=60", "mac_table_size=100")
+    d.cli("add-port", "br0", "m1", "--type", "memory", "--option", "tag=10")
+    d.cli("add-port", "br0", "m2", "--type=memory", "-o", "capacity=16", "-o", "trunks=10,20")
+    d.cli("add-port", "br1", "m3", "--type", "memory", "tag=7")
+    assert json.loads(d.cli("list-br", "--json").stdout) == ["br0", "br1"]
+    assert d.cli("list-br").stdout.split() == ["br0", "br1"]
+    assert d.cli("list-ports", "br0").stdout.split() == ["m1", "m2"]
+    assert d.cli("br-exists", "br1").returncode == 0
+    shown = json.loads(d.cli("show", "--json").stdout)
+    br0 = shown["bridges"][0]
+    assert br0["name"] == "br0" and [p["name"] for p in br0["ports"]] == ["m1", "m2"]
+    assert br0["ports"][1]["trunks"] == [10, 20] and br0["ports"][1]["options"] == {"capacity": "16"}
+    text = d.cli("show").stdout
+    assert "Bridge br1" in text and "Port m1" in text and "tag: 10" in text and "type: memory" in text
+    d.cli("set-port", "m1", "tag=20")
+    d.cli("set", "Port", "m2", "trunks=[]")
+    d.cli("set", "Bridge", "br1", "other_config:mac-aging-time=30")
+    shown = json.loads(d.cli("--json", "show").stdout)
+    assert shown["bridges"][0]["ports"][0]["tag"] == 20 and "trunks" not in shown["bridges"][0]["ports"][1]
+    assert shown["bridges"][1]["mac_aging_time"] == 30
+    stats = json.loads(d.cli("port-stats", "--json").stdout)
+    assert set(stats) == {"m1", "m2", "m3"} and stats["m3"]["rx_packets"] == 0
+    assert "port  1 (m1, memory, bridge br0)" in d.cli("port-stats", "br0").stdout
+    assert json.loads(d.cli("fdb-show", "br0", "--json").stdout) == []
+    assert d.cli("fdb-show", "br0").stdout.startswith(" port  VLAN  MAC                Age")
+    assert d.cli("fdb-flush").returncode == 0
+    d.cli("del-port", "m2")
+    d.cli("del-port", "br1", "m3")
+    d.cli("del-br", "br1")
+    assert d.cli("list-br").stdout.split() == ["br0"]
+    exported = yaml.safe_load(d.cli("export").stdout)
+    assert exported == {"bridges": {"br0": {"ports": {"m1": {"type": "memory", "tag": 20}}}}}
+    # the database holds the same, saved after the last change
+    assert yaml.safe_load(d.db.read_text()) == exported
+
+
+def test_errors_are_one_clear_line_with_ovs_exit_statuses(daemon):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    d.cli("add-port", "br0", "m1", "--type", "memory")
+    cases = [
+        (("add-port", "nope", "m9", "--type", "memory"), 2, "no bridge named nope"),
+        (("add-port", "br0", "m1", "--type", "memory"), 1, "port m1 already exists on bridge br0"),
+        (("add-br", "br0"), 1, "bridge br0 already exists"),
+        (("br-exists", "br7"), 2, "no bridge named br7"),
+        (("set-port", "m1", "tag=5000"), 2, "bridges.br0.ports.m1.tag: 5000 is out of range (1..4095)"),
+        (("add-port", "br0", "m2", "--type", "memory", "-o", "colour=red"), 2,
+         "unknown option 'colour' for type memory"),
+        (("add-port", "br0", "m2", "--type", "warp"), 2, "unknown port type 'warp'"),
+        (("add-port", "br0", "zz-no-such-if"), 2, "no --type given and no interface named zz-no-such-if"),
+        (("del-port", "m9"), 2, "no port named m9"),
+        (("add-port", "br0", "../evil", "--type", "memory"), 2, "may not contain"),
+        (("set", "Mirror", "x", "a=b"), 2, "set: unknown table 'Mirror'"),
+        (("add-port", "br0", "m2", "--type", "memory", "--", "list-br"), 2, "cannot be chained"),
+    ]
+    for args, status, message in cases:
+        r = d.cli(*args, check=False)
+        assert r.returncode == status, (args, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, r.stderr)
+    assert d.cli("add-br", "br0", "--may-exist").returncode == 0
+    assert d.cli("del-port", "m9", "--if-exists").returncode == 0
+    assert d.cli("list-ports", "br0").stdout.split() == ["m1"]  # nothing changed
+
+
+def test_daemon_not_running_says_how_to_start_it(tmp_path):
+    env = {**os.environ, "PYSWITCH_RUNDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "pyswitch", "list-br"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=30)
+    assert r.returncode == 1
+    assert "pyswitch is not running" in r.stderr and "pyswitch daemon" in r.stderr
+
+
+def test_short_form_add_port_vhostuser_uses_the_default_bridge(daemon):
+    d = daemon.start()
+    d.cli("add-port", "vhostuser0", "-o", f"vhost-sock-dir={d.rundir}")
+    shown = json.loads(d.cli("show", "--json").stdout)
+    assert shown["bridges"][0]["name"] == "br0"  # created because there was none
+    assert shown["bridges"][0]["ports"][0]["type"] == "dpdkvhostuser"
+    d.cli("add-port", "m1", "--type", "memory")  # the only bridge is used
+    assert d.cli("list-ports", "br0").stdout.split() == ["m1", "vhostuser0"]
+
+
+def test_ovs_vsctl_chain_is_one_transaction(daemon):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    d.cli("add-port", "br0", "p1", "--", "set", "Interface", "p1", "type=memory", "options:capacity=8",
+          "--", "set", "Port", "p1", "tag=42")
+    port = json.loads(d.cli("show", "--json").stdout)["bridges"][0]["ports"][0]
+    assert (port["type"], port["tag"], port["options"]) == ("memory", 42, {"capacity": "8"})
+    # a chain whose last step is invalid changes nothing at all
+    r = d.cli("add-port", "br0", "p2", "--type", "memory", "--", "set", "Port", "p2", "tag=0", check=False)
+    assert r.returncode == 2 and "tag" in r.stderr
+    assert d.cli("list-ports", "br0").stdout.split() == ["p1"]
+
+
+def test_restart_restores_everything_and_traffic_flows_again(daemon, prefix):
+    d = daemon.start()
+    p = prefix
+    d.cli("add-br", "br0", "mac_aging_time=77")
+    for n in (1, 2):
+        d.cli("add-port", "br0", f"{p}{n}", "--type", "veth", "tag=5", "-o", f"netns={p}{n}",
+              "-o", f"peer-address=10.95.0.{n}/24")
+    d.cli("add-port", "br0", "m1", "--type", "memory", "trunks=5,6")
+    assert ping(f"{p}1", "10.95.0.2")
+    before = json.loads(d.cli("export", "--json").stdout if False else "null") or d.cli("export").stdout
+    d.stop()
+    assert not leftovers(p)  # a clean stop removes what the ports created
+    d.start()
+    assert d.cli("export").stdout == before
+    shown = json.loads(d.cli("show", "--json").stdout)["bridges"][0]
+    assert shown["mac_aging_time"] == 77 and [x.get("tag") for x in shown["ports"]] == [5, 5, None]
+    assert ping(f"{p}1", "10.95.0.2")
+    # kill -9: the database is intact and the next start restores it too
+    d.stop(signal.SIGKILL)
+    for name in leftovers(p):  # what a killed process could not remove
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    d.start()
+    assert d.cli("export").stdout == before
+    assert ping(f"{p}1", "10.95.0.2")
+
+
+def test_corrupt_database_is_refused_and_left_untouched(daemon):
+    d = daemon
+    d.db.parent.mkdir(parents=True, exist_ok=True)
+    for content in ("bridges: [\n", "bridges:\n  br0:\n    ports:\n      p: {type: memory, tag: 99999}\n",
+                    "\xff\xfe not text"):
+        d.db.write_bytes(content.encode("latin-1"))
+        d.start(expect_running=False)
+        assert d.proc.returncode == 1
+        assert "database" in d.log.read_text().splitlines()[-1]
+        assert d.db.read_bytes() == content.encode("latin-1")
+
+
+def test_concurrent_cli_calls_all_apply(daemon):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: d.cli("add-port", "br0", f"c{i}", "--type", "memory", check=False),
+                                range(16)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    assert sorted(d.cli("list-ports", "br0").stdout.split()) == sorted(f"c{i}" for i in range(16))
+    assert len(yaml.safe_load(d.db.read_text())["bridges"]["br0"]["ports"]) == 16
+
+
+def test_apply_is_idempotent_and_round_trips_with_export(daemon, tmp_path):
+    d = daemon.start()
+    topo = tmp_path / "t.yaml"
+    topo.write_text("bridges:\n  br0:\n    ports:\n      a: {type: memory, tag: 10}\n      b: {type: memory}\n"
+                    "  br1:\n    mac_table_size: 10\n    ports:\n      c: {type: memory}\n")
+    out = d.cli("apply", str(topo)).stdout
+    assert "add bridge br0" in out and "add port a to br0" in out and "add port c to br1" in out
+    assert d.cli("apply", str(topo)).stdout.strip() == "no changes: the switch already matches the file"
+    exported = tmp_path / "exported.yaml"
+    d.cli("export", "-o", str(exported))
+    assert d.cli("apply", str(exported)).stdout.strip().startswith("no changes")
+    # a changed file: only the differences are applied, each reported
+    topo.write_text("bridges:\n  br0:\n    ports:\n      a: {type: memory, tag: 11}\n      d: {type: memory}\n")
+    plan = d.cli("apply", "--dry-run", str(topo)).stdout.splitlines()
+    assert sorted(plan) == sorted(["would delete port b from br0", "would delete port c from br1",
+                                   "would delete bridge br1", "would add port d to br0 (type memory)",
+                                   "would set port a VLAN {'tag': 11}"])
+    assert d.cli("list-br").stdout.split() == ["br0", "br1"]  # dry run changed nothing
+    d.cli("apply", str(topo))
+    assert d.cli("list-br").stdout.split() == ["br0"]
+    assert d.cli("list-ports", "br0").stdout.split() == ["a", "d"]
+
+
+def test_invalid_or_failing_apply_leaves_the_switch_as_it_was(daemon, tmp_path, prefix):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    d.cli("add-port", "br0", "m1", "--type", "memory")
+    before = d.cli("export").stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bridges:\n  br0:\n    ports:\n      m1: {type: memory, tag: nine}\n")
+    r = d.cli("apply", str(bad), check=False)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"pyswitch: {bad}:4: bridges.br0.ports.m1.tag: must be an integer, not a string 'nine'"
+    # valid, but the second new port cannot be created (its interface name is taken)
+    subprocess.run(["ip", "link", "add", f"{prefix}x", "type", "veth", "peer", "name", f"{prefix}y"], check=True)
+    try:
+        bad.write_text(f"bridges:\n  br0:\n    ports:\n      m1: {{type: memory}}\n      m2: {{type: memory}}\n"
+                       f"      {prefix}x: {{type: veth}}\n")
+        r = d.cli("apply", str(bad), check=False)
+        assert r.returncode == 1 and "nothing was changed" in r.stderr
+    finally:
+        subprocess.run(["ip", "link", "del", f"{prefix}x"], capture_output=True)
+    assert d.cli("export").stdout == before
+    assert d.cli("list-ports", "br0").stdout.split() == ["m1"]
+
+
+def test_control_socket_refuses_unprivileged_users(tmp_path, open_rundir):
+    d = DaemonProcess(tmp_path, rundir=open_rundir).start()
+    try:
+        sock = open_rundir / "pyswitch.ctl"
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        r = d.cli("list-br", check=False, user="nobody")  # the file mode stops it
+        assert r.returncode == 1 and "permission denied on" in r.stderr, r.stderr
+        sock.chmod(0o666)  # and if the file mode let it through, the peer check still refuses
+        r = d.cli("list-br", check=False, user="nobody")
+        assert r.returncode == 1 and r.stderr.strip() == "pyswitch: permission denied", r.stderr
+        assert d.cli("list-br").returncode == 0  # root still gets in
+        assert "refused a client without permission" in d.log.read_text()
+    finally:
+        d.stop()
+
+
+def test_socket_group_grants_access(tmp_path, open_rundir):
+    subprocess.run(["groupadd", "-f", "pyswitchtest"], check=True)
+    d = DaemonProcess(tmp_path, rundir=open_rundir)
+    d.proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "daemon", "--control-group", "pyswitchtest"],
+                              stdout=open(d.log, "w"), stderr=subprocess.STDOUT, env=d.env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while "running:" not in d.log.read_text():
+            assert d.proc.poll() is None and time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.05)
+        assert oct(os.stat(open_rundir / "pyswitch.ctl").st_mode & 0o777) == "0o660"
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=pyswitchtest",
+                sys.executable, "-m", "pyswitch", "list-br"]
+        r = subprocess.run(argv, capture_output=True, text=True, env=d.env, cwd=ROOT, timeout=30)
+        assert r.returncode == 0, r.stderr
+        r = d.cli("list-br", check=False, user="nobody")  # not in the group
+        assert r.returncode == 1 and "permission denied" in r.stderr
+    finally:
+        d.stop()
