@@ -26,9 +26,9 @@ import logging
 import re
 import socket
 import threading
-from socketserver import ThreadingMixIn
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from . import __version__, stats
@@ -36,8 +36,8 @@ from .config import ConfigError, Path
 from .port import MAX_BURST
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
-    from prometheus_client.samples import Metric
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,18 @@ PORT_LABELS = ("bridge", "port", "type")
 
 #: stats key -> (metric name without ``_total``, help).  Counters, per port.
 PORT_COUNTERS = {
-    "rx_packets": ("pyswitch_port_rx_packets", "Frames the port received into the switch "
-                   "(for vhost-user: frames the guest sent)."),
-    "rx_bytes": ("pyswitch_port_rx_bytes", "Bytes of those frames (Ethernet header to "
-                 "payload, no FCS, no virtio-net header)."),
-    "rx_dropped": ("pyswitch_port_rx_dropped", "Frames dropped on the receive side "
-                   "(sum of the receive-side reasons)."),
+    "rx_packets": ("pyswitch_port_rx_packets", ("Frames the port received into the switch "
+                   "(for vhost-user: frames the guest sent).")),
+    "rx_bytes": ("pyswitch_port_rx_bytes", ("Bytes of those frames (Ethernet header to "
+                 "payload, no FCS, no virtio-net header).")),
+    "rx_dropped": ("pyswitch_port_rx_dropped", ("Frames dropped on the receive side "
+                   "(sum of the receive-side reasons).")),
     "rx_errors": ("pyswitch_port_rx_errors", "Receive errors."),
-    "tx_packets": ("pyswitch_port_tx_packets", "Frames the switch transmitted out of the "
-                   "port (for vhost-user: frames put in the guest's receive queues)."),
+    "tx_packets": ("pyswitch_port_tx_packets", ("Frames the switch transmitted out of the "
+                   "port (for vhost-user: frames put in the guest's receive queues).")),
     "tx_bytes": ("pyswitch_port_tx_bytes", "Bytes of those frames."),
-    "tx_dropped": ("pyswitch_port_tx_dropped", "Frames dropped on the transmit side "
-                   "(sum of the transmit-side reasons)."),
+    "tx_dropped": ("pyswitch_port_tx_dropped", ("Frames dropped on the transmit side "
+                   "(sum of the transmit-side reasons).")),
     "tx_errors": ("pyswitch_port_tx_errors", "Transmit errors."),
 }
 
@@ -73,19 +73,19 @@ BRIDGE_METRICS = {
     "mac_learned": ("pyswitch_bridge_mac_learned", "MAC entries learned.", "counter"),
     "mac_moved": ("pyswitch_bridge_mac_moved", "Known MACs seen on another port.", "counter"),
     "mac_aged": ("pyswitch_bridge_mac_aged", "MAC entries removed by aging.", "counter"),
-    "mac_evicted": ("pyswitch_bridge_mac_evicted", "MAC entries evicted by the size "
-                    "limit.", "counter"),
+    "mac_evicted": ("pyswitch_bridge_mac_evicted", ("MAC entries evicted by the size "
+                    "limit."), "counter"),
     "frames": ("pyswitch_bridge_frames", "Frames the bridge processed.", "counter"),
-    "floods": ("pyswitch_bridge_flooded_frames", "Frames flooded (broadcast, multicast, "
-               "unknown unicast).", "counter"),
-    "forwarded": ("pyswitch_bridge_forwarded_frames", "Frames sent to the one port their "
-                  "destination MAC was learned on.", "counter"),
+    "floods": ("pyswitch_bridge_flooded_frames", ("Frames flooded (broadcast, multicast, "
+               "unknown unicast)."), "counter"),
+    "forwarded": ("pyswitch_bridge_forwarded_frames", ("Frames sent to the one port their "
+                  "destination MAC was learned on."), "counter"),
     "ports": ("pyswitch_bridge_ports", "Ports on the bridge now.", "gauge"),
     "flow_rules": ("pyswitch_bridge_flow_rules", "Flow-table rules now.", "gauge"),
-    "flow_cache_hits": ("pyswitch_bridge_flow_cache_hits", "Frames whose decision came "
-                        "from the flow cache.", "counter"),
-    "flow_cache_misses": ("pyswitch_bridge_flow_cache_misses", "Frames that went up to "
-                          "the flow tables.", "counter"),
+    "flow_cache_hits": ("pyswitch_bridge_flow_cache_hits", ("Frames whose decision came "
+                        "from the flow cache."), "counter"),
+    "flow_cache_misses": ("pyswitch_bridge_flow_cache_misses", ("Frames that went up to "
+                          "the flow tables."), "counter"),
 }
 
 #: Known ``vhost_stats`` keys -> help; other keys are exported too, help generic.
@@ -175,47 +175,6 @@ def _batch_bounds() -> list[int]:
     return bounds + [MAX_BURST]
 
 
-class _FlowTotals:
-    """Packets and bytes per (bridge, table, cookie) that never go backwards.
-
-    Rules come and go (``del-flows``, timeouts, an ``add`` that replaces a rule), and
-    their counters go with them; a plain sum per cookie would then drop.  So what a
-    rule had counted when it was last seen is kept ("retired") once it is gone.  What
-    a rule counted between the last scrape and its removal is not seen: the totals
-    may undercount, never decrease.  Totals of a deleted bridge are forgotten.
-    """
-
-    def __init__(self) -> None:
-        # id(entry) -> (entry, key, packets, bytes); holding the entry keeps its id unique.
-        self._seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
-        self._retired: dict[tuple[str, int, int], list[int]] = {}
-
-    def update(self, rules: dict[str, list[Any]]) -> dict[tuple[str, int, int], list[int]]:
-        """Fold in the rules of every bridge now; return ``{key: [packets, bytes]}``."""
-        seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
-        totals: dict[tuple[str, int, int], list[int]] = {}
-        for bname, entries in rules.items():
-            for e in entries:
-                key = (bname, e.flow.table, e.flow.cookie)
-                pk, by = e.n_packets, e.n_bytes
-                seen[id(e)] = (e, key, pk, by)
-                t = totals.setdefault(key, [0, 0])
-                t[0] += pk
-                t[1] += by
-        for i, (_, key, pk, by) in self._seen.items():
-            if i not in seen:
-                r = self._retired.setdefault(key, [0, 0])
-                r[0] += pk
-                r[1] += by
-        self._retired = {k: v for k, v in self._retired.items() if k[0] in rules}
-        for key, (pk, by) in self._retired.items():
-            t = totals.setdefault(key, [0, 0])
-            t[0] += pk
-            t[1] += by
-        self._seen = seen
-        return totals
-
-
 class SwitchCollector:
     """A ``prometheus_client`` collector of one :class:`~pyswitch.switch.Switch`.
 
@@ -226,7 +185,7 @@ class SwitchCollector:
     def __init__(self, switch: Any) -> None:
         self.switch = switch
         self._lock = threading.Lock()
-        self._flows = _FlowTotals()
+        self._flows = stats.CookieTotals()
 
     def collect(self) -> list[Metric]:
         with self._lock:
@@ -295,8 +254,8 @@ class SwitchCollector:
         from prometheus_client.core import CounterMetricFamily
 
         labels = ["bridge", "table", "cookie"]
-        pk = CounterMetricFamily("pyswitch_flow_packets", "Frames matched by the flow rules "
-                                 "of a table with this cookie (per rule: dump-flows).", labels=labels)
+        pk = CounterMetricFamily("pyswitch_flow_packets", "Frames matched by the flow rules of "
+                                 "a table with this cookie (per rule: dump-flows).", labels=labels)
         by = CounterMetricFamily("pyswitch_flow_bytes", "Bytes of those frames.", labels=labels)
         for (bname, table, cookie), (p, b) in sorted(self._flows.update(rules).items()):
             lv = [bname, str(table), f"{cookie:#x}"]
@@ -375,7 +334,7 @@ class _HTTPServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one every few seconds, forever)."""
 
 
@@ -387,8 +346,8 @@ class MetricsServer:
         self._httpd = httpd
         self.registry = registry
         self.collector = collector
-        self.address: str = httpd.server_address[0]
-        self.port: int = httpd.server_address[1]
+        self.address = str(httpd.server_address[0])
+        self.port = int(httpd.server_address[1])
         self._thread = threading.Thread(target=httpd.serve_forever, args=(POLL_INTERVAL,),
                                         name="pyswitch-metrics", daemon=True)
         self._thread.start()
@@ -436,7 +395,8 @@ def start_metrics_server(switch: Any, address: str = DEFAULT_ADDRESS,
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     server_class = type("_Server", (_HTTPServer,), {"address_family": family})
     try:
-        httpd = make_server(address, port, make_wsgi_app(registry), server_class, _QuietHandler)
+        httpd = cast(_HTTPServer, make_server(address, port, make_wsgi_app(registry),
+                                              server_class, _QuietHandler))
     except OSError as exc:
         raise MetricsError(exc.errno, f"cannot serve metrics on {address} port {port}: "
                            f"{exc.strerror or exc}") from exc

@@ -21,7 +21,8 @@ series to Prometheus, which ``rate()`` treats as a counter reset).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from .port import DROP_REASONS, Port
 
@@ -77,7 +78,7 @@ def _one_port(port: Port, bridge: str, ofport: int) -> dict[str, Any]:
     d: dict[str, Any] = {"bridge": bridge, "type": port.type_name, "ofport": ofport}
     try:
         d["link_state"] = port.link_state()
-    except Exception:  # a port that cannot tell is not up
+    except Exception:  # noqa: BLE001 - a port that cannot tell is not up
         d["link_state"] = "down"
     for key in PORT_COUNTER_KEYS:
         d[key] = getattr(c, key)
@@ -107,7 +108,7 @@ def vhost_stats(port: Port) -> dict[str, Any] | None:
     out: dict[str, Any] = {"counters": {k: v for k, v in dict(raw).items() if isinstance(v, int)}}
     try:
         status = port.status()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a scrape must not fail for one port's view
         status = {}
     out["connected"] = bool(status.get("connected", False))
     out["features"] = str(status.get("features", "0x0"))
@@ -184,6 +185,49 @@ def flow_stats(bridge: Any) -> dict[str, int]:
         if isinstance(v, int):
             out[f"flow_cache_{key}"] = v
     return out
+
+
+class CookieTotals:
+    """Packets and bytes per (bridge, table, cookie) that never go backwards.
+
+    Rules come and go (``del-flows``, timeouts, an ``add`` that replaces a rule), and
+    their counters go with them; a plain sum per cookie would then drop.  So what a
+    rule had counted when it was last seen is kept ("retired") once it is gone.  What
+    a rule counted between the last scrape and its removal is not seen: the totals
+    may undercount, never decrease.  Totals of a deleted bridge are forgotten.
+    """
+
+    def __init__(self) -> None:
+        # id(entry) -> (entry, key, packets, bytes); holding the entry keeps its id unique.
+        self._seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
+        self._retired: dict[tuple[str, int, int], list[int]] = {}
+
+    def update(self, rules: dict[str, list[Any]]) -> dict[tuple[str, int, int], list[int]]:
+        """Fold in ``{bridge: rules now}`` (:func:`flow_entries`); return
+        ``{(bridge, table, cookie): [packets, bytes]}`` for every key ever seen on a
+        bridge that still exists."""
+        seen: dict[int, tuple[Any, tuple[str, int, int], int, int]] = {}
+        totals: dict[tuple[str, int, int], list[int]] = {}
+        for bname, entries in rules.items():
+            for e in entries:
+                key = (bname, e.flow.table, e.flow.cookie)
+                pk, by = e.n_packets, e.n_bytes
+                seen[id(e)] = (e, key, pk, by)
+                t = totals.setdefault(key, [0, 0])
+                t[0] += pk
+                t[1] += by
+        for i, (_, key, pk, by) in self._seen.items():
+            if i not in seen:
+                r = self._retired.setdefault(key, [0, 0])
+                r[0] += pk
+                r[1] += by
+        self._retired = {k: v for k, v in self._retired.items() if k[0] in rules}
+        for key, (pk, by) in self._retired.items():
+            t = totals.setdefault(key, [0, 0])
+            t[0] += pk
+            t[1] += by
+        self._seen = seen
+        return totals
 
 
 def process_stats(switch: Any) -> dict[str, Any]:

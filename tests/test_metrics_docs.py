@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -58,7 +58,7 @@ def base(name: str) -> str:
     return name
 
 
-def test_every_served_metric_is_documented_and_every_documented_one_served(served: set[str]) -> None:
+def test_served_and_documented_metrics_are_the_same(served: set[str]) -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = {base(n) for n in NAME.findall(doc)} - {"pyswitch_vhost_"}
     mine = {base(n) for n in served if n.startswith("pyswitch_")}

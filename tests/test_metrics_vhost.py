@@ -10,8 +10,8 @@ disconnect and a reconnect.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
