@@ -202,9 +202,10 @@ def set_link(
     mac: str | None = None,
     mtu: int | None = None,
     up: bool | None = None,
+    arp: bool | None = None,
     netns: str | None = None,
 ) -> None:
-    """Change link ``name``: rename, MAC, MTU, admin state, or move to namespace ``netns``
+    """Change link ``name``: rename, MAC, MTU, ARP, admin state, or move to namespace ``netns``
     (each given attribute in its own request, in that order, so errors name the step)."""
     index = ifindex(ipr, name)
     if index is None:
@@ -216,6 +217,8 @@ def set_link(
         steps.append((f"setting MAC {mac} on {name!r}", {"address": mac}))
     if mtu is not None:
         steps.append((f"setting MTU {mtu} on {name!r}", {"mtu": mtu}))
+    if arp is not None:
+        steps.append((f"setting ARP {'on' if arp else 'off'} on {name!r}", {"arp": arp}))
     if up is not None:
         steps.append(
             (f"setting {name!r} {'up' if up else 'down'}", {"state": "up" if up else "down"})
@@ -246,6 +249,26 @@ def add_default_route(ipr: IPRoute, gateway: ipaddress.IPv4Address | ipaddress.I
     dst = "::/0" if gateway.version == 6 else "0.0.0.0/0"
     with errors(f"adding default route via {gateway}"):
         ipr.route("add", dst=dst, gateway=str(gateway), family=family)
+
+
+def detach_from_host_stack(ipr: IPRoute, name: str) -> None:
+    """Keep this namespace's IP stack off interface ``name`` (a switch port's own end).
+
+    AF_PACKET reads frames *beside* the stack, not instead of it: without this, the
+    kernel answers ARP on the switch end for any local address (``arp_ignore=0``), and
+    an attached host could reach this namespace directly, around the switch and its
+    VLANs.  So: no ARP (``IFF_NOARP``), no IPv6 (no link-local address, ND, MLD), and a
+    strict reverse-path filter (``rp_filter=1``; the end has no routes, so IPv4 with a
+    source address arriving on it is dropped).  Call before bringing the link up."""
+    if os.path.exists(f"/proc/sys/net/ipv6/conf/{name}"):  # absent: no IPv6 in this kernel
+        _write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
+    _write_sysctl(f"net/ipv4/conf/{name}/rp_filter", "1")
+    set_link(ipr, name, arp=False)
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    with errors(f"setting sysctl {key.replace('/', '.')}"), open(f"/proc/sys/{key}", "w") as f:
+        f.write(value)
 
 
 def wait_oper_up(ipr: IPRoute, name: str, timeout: float = 5.0) -> None:

@@ -154,6 +154,7 @@ class VethPort(Port):
                 self._disable_offloads(end)
             nl.set_link(ipr, tmp, mac=cfg.peer_mac, mtu=cfg.mtu, netns=cfg.netns)
             nl.set_link(ipr, self.name, mtu=cfg.mtu)
+            nl.detach_from_host_stack(ipr, self.name)
             if not cfg.netns:
                 self._configure_peer(ipr, tmp)
             nl.set_link(ipr, self.name, up=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import time
@@ -13,8 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from pyroute2 import netns as pr_netns
 from pyswitch.ports import ethtool
+from pyswitch.ports.tap import TapPort
 from pyswitch.ports.veth import VethPort
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from pyswitch.port import PortError, port_type
@@ -215,6 +217,44 @@ def test_failure_after_creation_cleans_up(open_port: Callable) -> None:
     with pytest.raises(PortError, match="default route"):
         open_port(name, netns=ns, peer_gateway="192.0.2.1")
     assert not link_exists(name) and not netns_exists(ns)
+
+
+def test_switch_end_is_not_a_host_interface(open_port: Callable, cleanup: Callable) -> None:  # noqa: F811
+    """The switch's own namespace must not answer through the switch end: no ARP reply
+    for its local addresses, no IPv6, and IPv4 sent straight to the end's MAC is
+    dropped, so a host cannot reach it around the switch (and its VLANs)."""
+    busybox = require_tool("busybox", "busybox-static")
+    prefix = f"198.18.{random.randrange(1, 255)}"
+    local = f"{prefix}.1"
+    tap = TapPort(unique_name(), {"address": f"{local}/24"})  # a local address here
+    cleanup(tap.close)
+    tap.open()
+    ns, name = unique_name(), unique_name()
+    open_port(name, netns=ns, peer_address=f"{prefix}.2/24")
+    arping = ns_exec(ns, busybox, "arping", "-I", "eth0", "-c", "2", "-w", "2", local, check=False)
+    assert arping.returncode != 0, f"the switch end answered ARP:\n{arping.stdout}"
+    link = json.loads(ns_exec(None, "ip", "-j", "addr", "show", "dev", name).stdout)[0]
+    assert "NOARP" in link["flags"] and not link["addr_info"], link
+    # UDP sent straight to the end's MAC must not reach a socket of this namespace.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cleanup(listener.close)
+    listener.bind((local, 0))
+    listener.settimeout(1.0)
+    probe = (
+        Ether(src=PEER_MAC, dst=link["address"])
+        / IP(src=f"{prefix}.2", dst=local)
+        / UDP(sport=4242, dport=listener.getsockname()[1])
+        / b"around the switch"
+    )
+    sender = pr_netns.create_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
+    try:
+        sender.bind(("eth0", 0))
+        sender.send(bytes(probe))
+    finally:
+        sender.close()
+    with pytest.raises(TimeoutError):
+        data = listener.recv(100)
+        pytest.fail(f"this namespace received {data!r} through the switch end")
 
 
 def test_broken_namespace_fails_cleanly(open_port: Callable, cleanup: Callable) -> None:  # noqa: F811
