@@ -222,10 +222,16 @@ def call(method: str, params: dict[str, Any] | None = None, path: Path | None = 
         except PermissionError:
             raise ControlError(f"permission denied on {path}: run as root or as a member of "
                                "the control socket's group") from None
-        sock.sendall(json.dumps({"id": 1, "method": method, "params": params or {}}).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps({"id": 1, "method": method, "params": params or {}}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before reading: its reply (e.g. "permission denied") is still readable
         buf = b""
         while b"\n" not in buf:
-            chunk = sock.recv(1 << 16)
+            try:
+                chunk = sock.recv(1 << 16)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise ControlError("the daemon closed the connection without a reply")
             buf += chunk
