@@ -26,6 +26,7 @@ import logging
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, cast
@@ -179,7 +180,11 @@ class SwitchCollector:
     """A ``prometheus_client`` collector of one :class:`~pyswitch.switch.Switch`.
 
     ``collect()`` may run on any thread, concurrently with the event loop (it only
-    reads; see :mod:`pyswitch.stats`) and with other scrapes (serialised by a lock).
+    reads; see :mod:`pyswitch.stats`) and with other scrapes (the cookie totals are
+    updated under a lock).  It takes the whole snapshot first -- small plain dicts --
+    and then yields one metric family at a time, so that only one family's samples are
+    alive at once: a scrape's objects die young and do not push the garbage collector
+    into full collections, which would pause the forwarding thread too.
     """
 
     def __init__(self, switch: Any) -> None:
@@ -187,137 +192,144 @@ class SwitchCollector:
         self._lock = threading.Lock()
         self._flows = stats.CookieTotals()
 
-    def collect(self) -> list[Metric]:
-        with self._lock:
-            out = [self._build_info()]
-            out += self._port_metrics(stats.port_stats(self.switch))
-            out += self._bridge_metrics()
-            out += self._process_metrics(stats.process_stats(self.switch))
-        return [m for m in out if m.samples]
-
-    @staticmethod
-    def _build_info() -> Metric:
-        from prometheus_client.core import GaugeMetricFamily
-
-        g = GaugeMetricFamily("pyswitch_build_info", "pyswitch version.", labels=["version"])
-        g.add_metric([__version__], 1)
-        return g
-
-    # -- ports -------------------------------------------------------------------------------
-    @staticmethod
-    def _port_metrics(ports: dict[str, dict[str, Any]]) -> list[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        labels = list(PORT_LABELS)
-        counters = {key: CounterMetricFamily(name, doc, labels=labels)
-                    for key, (name, doc) in PORT_COUNTERS.items()}
-        dropped = CounterMetricFamily(
-            "pyswitch_port_dropped", "Frames dropped, by reason (vlan, no_buffer, mtu, flow, "
-            "bad_descriptor, tx_full, malformed, link_down).", labels=labels + ["reason"])
-        up = GaugeMetricFamily("pyswitch_port_link_up", "1 if the port's link is up "
-                               "(vhost-user: connected with a ring pair started).", labels=labels)
-        info = GaugeMetricFamily("pyswitch_port_info", "Port facts: the OpenFlow port "
-                                 "number on its bridge.", labels=labels + ["ofport"])
-        vhost = _VhostFamilies()
-        for name, s in ports.items():
-            lv = [s["bridge"], name, s["type"]]
-            for key, fam in counters.items():
-                fam.add_metric(lv, s[key])
-            for reason, n in sorted(s["drops"].items()):
-                dropped.add_metric(lv + [reason], n)
-            up.add_metric(lv, 1 if s["link_state"] == "up" else 0)
-            info.add_metric(lv + [str(s["ofport"])], 1)
-            if "vhost" in s:
-                vhost.add(lv, s["vhost"])
-        return [*counters.values(), dropped, up, info, *vhost.families()]
-
-    # -- bridges -----------------------------------------------------------------------------
-    def _bridge_metrics(self) -> list[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        fams: dict[str, Any] = {}
-        for key, (name, doc, kind) in BRIDGE_METRICS.items():
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            fams[key] = cls(name, doc, labels=["bridge"])
-        rules: dict[str, list[Any]] = {}
-        for bname, d in stats.bridge_stats(self.switch).items():
-            for key, value in d.items():
-                if key in fams:
-                    fams[key].add_metric([bname], value)
-            br = self.switch.bridges.get(bname)
+    def collect(self) -> Iterator[Metric]:
+        sw = self.switch
+        ports = stats.port_stats(sw)
+        bridges = stats.bridge_stats(sw)
+        rules = {}
+        for name in bridges:
+            br = sw.bridges.get(name)
             entries = stats.flow_entries(br) if br is not None else None
             if entries is not None:
-                rules[bname] = entries
-        return [*fams.values(), *self._flow_metrics(rules)]
-
-    def _flow_metrics(self, rules: dict[str, list[Any]]) -> list[Metric]:
-        from prometheus_client.core import CounterMetricFamily
-
-        labels = ["bridge", "table", "cookie"]
-        pk = CounterMetricFamily("pyswitch_flow_packets", "Frames matched by the flow rules of "
-                                 "a table with this cookie (per rule: dump-flows).", labels=labels)
-        by = CounterMetricFamily("pyswitch_flow_bytes", "Bytes of those frames.", labels=labels)
-        for (bname, table, cookie), (p, b) in sorted(self._flows.update(rules).items()):
-            lv = [bname, str(table), f"{cookie:#x}"]
-            pk.add_metric(lv, p)
-            by.add_metric(lv, b)
-        return [pk, by]
-
-    # -- process -----------------------------------------------------------------------------
-    @staticmethod
-    def _process_metrics(p: dict[str, Any]) -> list[Metric]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-
-        it = CounterMetricFamily("pyswitch_loop_iterations", "Event loop iterations.")
-        it.add_metric([], p["loop_iterations"])
-        busy = CounterMetricFamily("pyswitch_loop_busy_seconds", "Time the event loop spent "
-                                   "working (servicing ports, timers, handlers), not waiting.")
-        busy.add_metric([], p["loop_busy_seconds"])
-        sizes = p["batch_sizes"]
-        buckets: list[tuple[str, float]] = []
-        for bound in _batch_bounds():
-            buckets.append((str(bound), sum(sizes[: bound + 1])))
-        buckets.append(("+Inf", sum(sizes)))
-        hist = HistogramMetricFamily("pyswitch_rx_batch_frames", "Frames per received batch "
-                                     "(only non-empty batches are counted).")
-        hist.add_metric([], buckets, sum_value=sum(n * c for n, c in enumerate(sizes)))
-        return [it, busy, hist]
+                rules[name] = entries
+        with self._lock:
+            cookies = self._flows.update(rules)
+        process = stats.process_stats(sw)
+        for fam in _families(ports, bridges, cookies, process):
+            if fam.samples:
+                yield fam
 
 
-class _VhostFamilies:
-    """The vhost-user metric families of one collection, filled port by port."""
+def _families(ports: dict[str, dict[str, Any]], bridges: dict[str, dict[str, Any]],
+              cookies: dict[tuple[str, int, int], list[int]],
+              process: dict[str, Any]) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
 
-    def __init__(self) -> None:
-        from prometheus_client.core import GaugeMetricFamily
+    info = GaugeMetricFamily("pyswitch_build_info", "pyswitch version.", labels=["version"])
+    info.add_metric([__version__], 1)
+    yield info
+    yield from _port_families(ports)
+    yield from _vhost_families(ports)
+    yield from _bridge_families(bridges)
+    yield from _flow_families(cookies)
+    yield from _process_families(process)
 
-        labels = list(PORT_LABELS)
-        self.connected = GaugeMetricFamily(
-            "pyswitch_vhost_connected", "1 while a vhost-user front end is connected.",
-            labels=labels)
-        self.queue_pairs = GaugeMetricFamily(
-            "pyswitch_vhost_queue_pairs", "Queue pairs the guest has enabled now.", labels=labels)
-        self.features = GaugeMetricFamily(
-            "pyswitch_vhost_features_info", "Negotiated virtio and vhost-user protocol "
-            "feature bits (hex), 1 per port.", labels=labels + ["features", "protocol_features"])
-        self.counters: dict[str, Any] = {}
 
-    def add(self, lv: list[str], v: dict[str, Any]) -> None:
-        from prometheus_client.core import CounterMetricFamily
+def _port_families(ports: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        self.connected.add_metric(lv, 1 if v["connected"] else 0)
-        self.queue_pairs.add_metric(lv, v["queue_pairs"])
-        self.features.add_metric(lv + [v["features"], v["protocol_features"]], 1)
-        for key, n in sorted(v["counters"].items()):
-            fam = self.counters.get(key)
-            if fam is None:
-                doc = VHOST_COUNTER_HELP.get(key, f"vhost-user {key} (port counter).")
-                fam = CounterMetricFamily(f"pyswitch_vhost_{_metric_name(key)}", doc,
-                                          labels=list(PORT_LABELS))
-                self.counters[key] = fam
-            fam.add_metric(lv, n)
+    labels = list(PORT_LABELS)
+    lvs = [(p, [s["bridge"], p, s["type"]]) for p, s in ports.items()]
+    for key, (name, doc) in PORT_COUNTERS.items():
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for p, lv in lvs:
+            fam.add_metric(lv, ports[p][key])
+        yield fam
+    fam = CounterMetricFamily("pyswitch_port_dropped", "Frames dropped, by reason (vlan, "
+                              "no_buffer, mtu, flow, bad_descriptor, tx_full, malformed, "
+                              "link_down).", labels=labels + ["reason"])
+    for p, lv in lvs:
+        for reason, n in sorted(ports[p]["drops"].items()):
+            fam.add_metric(lv + [reason], n)
+    yield fam
+    up = GaugeMetricFamily("pyswitch_port_link_up", "1 if the port's link is up "
+                           "(vhost-user: connected with a ring pair started).", labels=labels)
+    for p, lv in lvs:
+        up.add_metric(lv, 1 if ports[p]["link_state"] == "up" else 0)
+    yield up
+    info = GaugeMetricFamily("pyswitch_port_info", "Port facts: the OpenFlow port number "
+                             "on its bridge.", labels=labels + ["ofport"])
+    for p, lv in lvs:
+        info.add_metric(lv + [str(ports[p]["ofport"])], 1)
+    yield info
 
-    def families(self) -> list[Metric]:
-        return [self.connected, self.queue_pairs, self.features, *self.counters.values()]
+
+def _vhost_families(ports: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = list(PORT_LABELS)
+    vh = [([s["bridge"], p, s["type"]], s["vhost"]) for p, s in ports.items() if "vhost" in s]
+    if not vh:
+        return
+    gauges = (
+        ("pyswitch_vhost_connected", "1 while a vhost-user front end is connected.",
+         lambda v: 1 if v["connected"] else 0),
+        ("pyswitch_vhost_queue_pairs", "Queue pairs the guest has enabled now.",
+         lambda v: v["queue_pairs"]),
+    )
+    for name, doc, value in gauges:
+        g = GaugeMetricFamily(name, doc, labels=labels)
+        for lv, v in vh:
+            g.add_metric(lv, value(v))
+        yield g
+    g = GaugeMetricFamily("pyswitch_vhost_features_info", "Negotiated virtio and vhost-user "
+                          "protocol feature bits (hex), 1 per port.",
+                          labels=labels + ["features", "protocol_features"])
+    for lv, v in vh:
+        g.add_metric(lv + [v["features"], v["protocol_features"]], 1)
+    yield g
+    for key in sorted({k for _, v in vh for k in v["counters"]}):
+        doc = VHOST_COUNTER_HELP.get(key, f"vhost-user {key} (port counter).")
+        c = CounterMetricFamily(f"pyswitch_vhost_{_metric_name(key)}", doc, labels=labels)
+        for lv, v in vh:
+            if key in v["counters"]:
+                c.add_metric(lv, v["counters"][key])
+        yield c
+
+
+def _bridge_families(bridges: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for key, (name, doc, kind) in BRIDGE_METRICS.items():
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        fam = cls(name, doc, labels=["bridge"])
+        for bname, d in bridges.items():
+            if key in d:
+                fam.add_metric([bname], d[key])
+        yield fam
+
+
+def _flow_families(cookies: dict[tuple[str, int, int], list[int]]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    labels = ["bridge", "table", "cookie"]
+    docs = (("Frames matched by the flow rules of a table with this cookie (per rule: "
+             "dump-flows)."), "Bytes of those frames.")
+    names = ("pyswitch_flow_packets", "pyswitch_flow_bytes")
+    for i, (name, doc) in enumerate(zip(names, docs)):
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for (bname, table, cookie), totals in sorted(cookies.items()):
+            fam.add_metric([bname, str(table), f"{cookie:#x}"], totals[i])
+        yield fam
+
+
+def _process_families(p: dict[str, Any]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    it = CounterMetricFamily("pyswitch_loop_iterations", "Event loop iterations.")
+    it.add_metric([], p["loop_iterations"])
+    yield it
+    busy = CounterMetricFamily("pyswitch_loop_busy_seconds", "Time the event loop spent "
+                               "working (servicing ports, timers, handlers), not waiting.")
+    busy.add_metric([], p["loop_busy_seconds"])
+    yield busy
+    sizes = p["batch_sizes"]
+    buckets: list[tuple[str, float]] = [(str(b), sum(sizes[: b + 1])) for b in _batch_bounds()]
+    buckets.append(("+Inf", sum(sizes)))
+    hist = HistogramMetricFamily("pyswitch_rx_batch_frames", "Frames per received batch "
+                                 "(only non-empty batches are counted).")
+    hist.add_metric([], buckets, sum_value=sum(n * c for n, c in enumerate(sizes)))
+    yield hist
 
 
 # -- the HTTP server -------------------------------------------------------------------------

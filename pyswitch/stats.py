@@ -141,19 +141,10 @@ def bridge_stats(switch: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _first(objs: Iterable[Any], names: tuple[str, ...]) -> Any:
-    for obj in objs:
-        for n in names:
-            v = getattr(obj, n, None)
-            if v is not None:
-                return v
-    return None
-
-
 def flow_tables(bridge: Any) -> Any:
-    """The bridge's flow table (``bridge.flows``, else ``bridge.flow_tables``: a
-    ``pyswitch.flows.FlowTables``), or None while the bridge has none."""
-    tables = _first([bridge], ("flows", "flow_tables"))
+    """The bridge's flow table (``bridge.flows``, a ``pyswitch.flows.FlowTables``), or
+    None for a bridge without one."""
+    tables = getattr(bridge, "flows", None)
     return tables if tables is not None and hasattr(tables, "entries") else None
 
 
@@ -165,25 +156,16 @@ def flow_entries(bridge: Any) -> list[Any] | None:
 
 
 def flow_stats(bridge: Any) -> dict[str, int]:
-    """What the bridge's flow table and flow cache count, read defensively.
-
-    ``flow_rules`` (rules now) when the bridge has a flow table (:func:`flow_tables`).
-    Cache counters are taken from ``bridge.stats.flow_cache_hits`` / ``..._misses``,
-    else ``bridge.flow_cache_hits``, else ``bridge.flow_cache.hits`` / ``.misses``.
-    Absent keys mean the bridge has no such thing (yet).
-    """
+    """``flow_rules`` (rules now) if the bridge has a flow table, and
+    ``flow_cache_hits`` / ``flow_cache_misses`` if its ``stats`` count them."""
     out: dict[str, int] = {}
     tables = flow_tables(bridge)
     if tables is not None:
         out["flow_rules"] = _retry(lambda: len(tables))
-    holders = [getattr(bridge, "stats", None), bridge]
-    cache = getattr(bridge, "flow_cache", None)
-    for key in ("hits", "misses"):
-        v = _first(holders, (f"flow_cache_{key}",))
-        if v is None and cache is not None:
-            v = getattr(cache, key, None)
+    for key in ("flow_cache_hits", "flow_cache_misses"):
+        v = getattr(bridge.stats, key, None)
         if isinstance(v, int):
-            out[f"flow_cache_{key}"] = v
+            out[key] = v
     return out
 
 

@@ -1,7 +1,7 @@
 """docs/metrics.md, examples/prometheus.yml and the Grafana dashboard match what is served.
 
-A switch with every kind of metric (a vhost-user port, a memory port, a flow table and
-flow-cache counters on the bridge) is scraped over HTTP; every ``pyswitch_*`` name served
+A switch with every kind of metric (a vhost-user port, a memory port, a bridge with
+flow rules) is scraped over HTTP; every ``pyswitch_*`` name served
 must be documented, every documented one served, and every one the dashboard queries
 must exist.
 """
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyswitch.flows import FlowTables
 from pyswitch.metrics import DEFAULT_ADDRESS, DEFAULT_PORT, start_metrics_server
 from pyswitch.switch import Switch
 from pyswitch.topology import load_topology_text
@@ -29,17 +28,15 @@ SUFFIXES = ("_bucket", "_count", "_sum")
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[set[str]]:
-    """Sample names of one scrape of a switch that has every kind of metric."""
+    """Sample names of one scrape of a switch that has every kind of metric (the bridge
+    has a flow table and flow-cache counters of its own)."""
     topo = ("bridges:\n  br0:\n    ports:\n"
             f"      pstvh0: {{type: dpdkvhostuser, options: {{vhost-sock-dir: '{tmp_path}'}}}}\n"
             "      m1: {type: memory}\n")
     sw = Switch()
     try:
         sw.build(load_topology_text(topo, "all.yaml"))
-        br = sw.bridges["br0"]
-        br.flows = FlowTables()  # type: ignore[attr-defined]
-        br.flows.add_flow("cookie=0x1,actions=normal", 0.0)  # type: ignore[attr-defined]
-        br.flow_cache_hits = br.flow_cache_misses = 0  # type: ignore[attr-defined]
+        sw.bridges["br0"].set_flows(["cookie=0x1,actions=normal"], 0.0)
         srv = start_metrics_server(sw, port=0)
         try:
             yield {name for name, _ in scrape(srv.url)}
