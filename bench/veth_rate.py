@@ -111,8 +111,8 @@ def main() -> None:
     port = VethPort(f"pstb{tag}", {"netns": ns, "peer-mac": "02:00:00:00:cc:02"})
     port.open()
     try:
+        bench_transmit(port, ns, seconds)  # first: trafgen's workers linger a moment
         bench_receive(port, ns, seconds)
-        bench_transmit(port, ns, seconds)
     finally:
         port.close()
 
