@@ -221,18 +221,3 @@ def process_stats(switch: Any) -> dict[str, Any]:
         "loop_busy_seconds": float(loop.busy_seconds),
         "batch_sizes": list(switch.batch_sizes),
     }
-
-
-def format_port_stats(stats: dict[str, dict[str, Any]]) -> str:
-    """``ovs-ofctl dump-ports``-shaped text of :func:`port_stats` output, by ofport."""
-    lines = [f"{len(stats)} ports"]
-    for name, s in sorted(stats.items(), key=lambda kv: (kv[1]["bridge"], kv[1]["ofport"])):
-        lines.append(f"  port {s['ofport']:>2} ({name}, {s['bridge']}, {s['type']}, "
-                     f"{s['link_state']}): rx pkts={s['rx_packets']}, bytes={s['rx_bytes']}, "
-                     f"drop={s['rx_dropped']}, errs={s['rx_errors']}")
-        lines.append(f"{'':11}tx pkts={s['tx_packets']}, bytes={s['tx_bytes']}, "
-                     f"drop={s['tx_dropped']}, errs={s['tx_errors']}")
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(s["drops"].items()) if v)
-        if drops:
-            lines.append(f"{'':11}drops: {drops}")
-    return "\n".join(lines) + "\n"

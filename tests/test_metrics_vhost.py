@@ -9,12 +9,14 @@ disconnect and a reconnect.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pyswitch.stats import port_stats
 from pyswitch.switch import Switch
 from pyswitch.topology import load_topology_text
 from tests.netns_util import wait_until
@@ -104,6 +106,10 @@ def test_vhost_port_metrics_survive_a_reconnect(vhost_switch: tuple[Switch, str]
             assert get(s, "pyswitch_vhost_connections_total", **lv) == 2
             assert get(s, "pyswitch_vhost_disconnects_total", **lv) == 1
             assert get(s, "pyswitch_port_tx_packets_total", **mem) == 47
+            st = port_stats(sw, [name])[name]  # what port-stats shows: the same numbers
+            assert json.loads(json.dumps(st)) == st
+            assert st["rx_packets"] == 47 and st["vhost"]["counters"]["reconnects"] == 1
+            assert st["vhost"]["connected"] and st["vhost"]["queue_pairs"] == 1
         finally:
             fe.close()
             ram.close()
