@@ -161,6 +161,27 @@ def test_mtu_and_link_down_drops(open_tap: Callable) -> None:
     assert list(port.receive(32)) == []
 
 
+def test_receive_batch_limit_and_oversized_frames(open_tap: Callable, subnet: str) -> None:
+    """receive(n) returns at most n frames; a frame over the port's MTU (the device's
+    MTU raised behind the port's back) is dropped as ``mtu``."""
+    name = unique_name()
+    port = open_tap(name, address=f"{subnet}.1/24", mtu="1000")
+    ns_exec(None, "ip", "link", "set", name, "mtu", "1400")
+    ns_exec(None, "ip", "neigh", "replace", f"{subnet}.2", "lladdr", BEHIND_MAC, "dev", name)
+    while port.receive(32):  # whatever the host sent when the link came up
+        port.release()
+    ping = ping_argv(f"{subnet}.2", count=1, wait_s=1)
+    for size in ("100", "200", "300", "1200"):  # ICMP payload; 1200 -> a 1242-byte frame
+        ns_exec(None, *ping[:2], "-s", size, "-I", name, *ping[2:], check=False)
+    ipv4_lengths = []
+    while batch := port.receive(2):
+        assert len(batch) <= 2
+        ipv4_lengths += [len(f) for f in batch if bytes(f[12:14]) == b"\x08\x00"]
+        port.release()
+    assert ipv4_lengths == [142, 242, 342], "the three small echo requests, whole"
+    assert port.counters.drops == {"mtu": 1} and port.counters.rx_dropped == 1
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
