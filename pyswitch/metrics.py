@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from . import __version__, stats
-from .config import ConfigError, Path
 from .port import MAX_BURST
 
 if TYPE_CHECKING:
@@ -122,13 +121,20 @@ class MetricsConfig:
         return {"enabled": self.enabled, "address": self.address, "port": self.port}
 
 
+#: A path in the configuration, as ``pyswitch.config.Path``.
+Path = tuple[str | int, ...]
+
+
 def parse_metrics_config(raw: Any, path: Path = ("metrics",)) -> MetricsConfig:
     """Validate the YAML ``metrics:`` block; ``ConfigError`` names the bad field.
 
     Accepts a mapping with ``enabled`` (bool), ``address`` (an IPv4/IPv6 literal;
     ``0.0.0.0`` or ``::`` for every address) and ``port`` (0..65535, 0 = any free port),
     or a bare boolean (``metrics: false``); ``None`` gives the defaults.
+    (``pyswitch.config`` may import this module: it does not import config at load time.)
     """
+    from .config import ConfigError
+
     cfg = MetricsConfig()
     if raw is None:
         return cfg
@@ -155,6 +161,8 @@ def parse_metrics_config(raw: Any, path: Path = ("metrics",)) -> MetricsConfig:
 
 
 def _address(value: Any, path: Path) -> str:
+    from .config import ConfigError
+
     if not isinstance(value, str):
         raise ConfigError(path, f"must be an IP address string, not {value!r}")
     try:
