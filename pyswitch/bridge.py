@@ -18,8 +18,15 @@ For each received frame (the order of ``br_input.c``):
 5. VLAN egress: per output port the frame leaves untagged or tagged with its VLAN;
    tag edits make a new copy, shared by all ports that want the same form.
 
-The flow table (OpenFlow-style rules) will sit in front of step 4 and call into this
-NORMAL pipeline for rules whose action is ``normal``; see docs/architecture.md.
+In front of all this sits the flow table (:mod:`pyswitch.flows`), as in Open vSwitch:
+every frame's headers become a flow key; an exact-match *flow cache* maps the key to a
+decision computed by the tables (rewrites and outputs); ``normal`` runs the pipeline
+above, ``output:P``/``flood``/``all``/``in_port`` send the frame as it is.  A decision
+depends only on the key and the rules, so the cache is checked against the tables'
+``generation`` (bumped by any rule change and by port changes) and a new rule takes
+effect on the very next frame.  No matching rule, or a decision with no output, drops
+the frame (``drops: flow``).  A bridge whose only rule is the default
+``priority=0 actions=NORMAL`` skips key extraction altogether.
 """
 
 from __future__ import annotations
@@ -28,11 +35,17 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .fdb import DEFAULT_AGING_TIME, DEFAULT_MAX_ENTRIES, MacTable
+from .flows import Decision, FlowEntry, FlowFilter, FlowTables, PortNames, decide, extract, parse_flow
+from .flows.model import Action, Flow
 from .packet import ETH_HLEN, push_tag, set_vid, strip_tag, vlan_tci
 from .port import Frame, PortCounters
 from .vlan import NOT_CARRIED, UNTAGGED, PortVlan
 
 FAIL_MODES = ("standalone", "secure")
+#: The rule a standalone bridge holds when no flows were configured (OVS's default).
+DEFAULT_FLOW = Flow(actions=(Action("normal"),), priority=0)
+#: Most decisions the flow cache keeps; it is emptied when full (a new generation).
+FLOW_CACHE_SIZE = 65536
 
 
 @dataclass(slots=True)
@@ -50,6 +63,8 @@ class BridgeStats:
     floods: int = 0  # frames flooded (unknown unicast, broadcast, multicast)
     forwarded: int = 0  # frames sent to one known port
     frames: int = 0  # frames processed
+    flow_cache_hits: int = 0  # frames whose decision came from the flow cache
+    flow_cache_misses: int = 0  # frames whose key went up to the flow tables
 
 
 @dataclass
@@ -60,6 +75,7 @@ class Bridge:
     aging_time: float = DEFAULT_AGING_TIME
     max_entries: int = DEFAULT_MAX_ENTRIES
     fail_mode: str = "standalone"
+    created: float = 0.0  # the loop's clock when the bridge was made (default rule's age)
     ports: dict[int, BridgePort] = field(default_factory=dict)
     stats: BridgeStats = field(default_factory=BridgeStats)
 
@@ -67,6 +83,20 @@ class Bridge:
         self.fdb = MacTable(self.aging_time, self.max_entries)
         # (vlan, in_port) -> [(out_port, egress form)], rebuilt when ports change.
         self._flood_cache: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.names = PortNames(self._port_number, self._port_name)
+        self.flows = FlowTables(ports=self.names)
+        self._cache: dict[tuple, Decision] = {}
+        self._normal_only: FlowEntry | None = None  # the sole default rule, if that is all
+        self._normal_only_gen = -1
+        self.set_flows(None, self.created)
+
+    def _port_number(self, name: str) -> int | None:
+        p = self.port_by_name(name)
+        return None if p is None else p.no
+
+    def _port_name(self, no: int) -> str | None:
+        p = self.ports.get(no)
+        return None if p is None else p.name
 
     # -- configuration -----------------------------------------------------------------
     def add_port(self, no: int, name: str, vlan: PortVlan, counters: PortCounters) -> None:
@@ -74,11 +104,33 @@ class Bridge:
             raise ValueError(f"port number {no} already on bridge {self.name}")
         self.ports[no] = BridgePort(no, name, vlan, counters)
         self._flood_cache.clear()
+        self.flows.invalidate()
 
     def remove_port(self, no: int) -> None:
         self.ports.pop(no, None)
         self.fdb.flush(port=no)
         self._flood_cache.clear()
+        self.flows.invalidate()
+
+    def set_flows(self, texts: list[str] | None, now: float) -> None:
+        """Make the flow tables hold exactly ``texts`` (ovs-ofctl syntax, port names
+        resolved on this bridge); None means the default for the fail mode.  Rules
+        already present are kept with their counters.  FlowSyntaxError on a bad rule,
+        before anything changes."""
+        if texts is None:
+            wanted = [DEFAULT_FLOW] if self.fail_mode == "standalone" else []
+        else:
+            wanted = [parse_flow(t, self.names) for t in texts]
+        keep = set(wanted)
+        for e in self.flows.entries():
+            if e.flow not in keep:
+                f = e.flow
+                self.flows.delete(FlowFilter(match=f.match, table=f.table, priority=f.priority),
+                                  strict=True)
+        present = {e.flow for e in self.flows.entries()}
+        for f in wanted:
+            if f not in present:
+                self.flows.add(f, now)
 
     def set_port_vlan(self, no: int, vlan: PortVlan) -> None:
         self.ports[no].vlan = vlan
@@ -101,16 +153,73 @@ class Bridge:
 
         Returns output port number -> frames to transmit there, in arrival order.
         Frames in the result are either the input objects themselves or new copies
-        (tag edits); they are only valid as long as the inputs are.
+        (tag edits, rewrites); they are only valid as long as the inputs are.
         """
         out: dict[int, list[Frame]] = {}
         inp = self.ports.get(in_no)
         if inp is None or not frames:
             return out
         self.stats.frames += len(frames)
-        for frame in frames:
-            self._normal(inp, frame, now, out)
+        default = self._default_only()
+        if default is not None:
+            nbytes = 0
+            for frame in frames:
+                nbytes += len(frame)
+                self._normal(inp, frame, now, out)
+            default.credit(len(frames), nbytes, now)
+            return out
+        self._through_flows(inp, frames, now, out)
         return out
+
+    def _default_only(self) -> FlowEntry | None:
+        """The default NORMAL rule when it is the only rule, else None (cached per
+        generation of the tables)."""
+        gen = self.flows.generation
+        if gen != self._normal_only_gen:
+            entries = self.flows.entries()
+            only = entries[0] if len(entries) == 1 else None
+            self._normal_only = only if only is not None and only.flow == DEFAULT_FLOW else None
+            self._normal_only_gen = gen
+        return self._normal_only
+
+    def _through_flows(self, inp: BridgePort, frames: Sequence[Frame], now: float,
+                       out: dict[int, list[Frame]]) -> None:
+        tables, cache, stats = self.flows, self._cache, self.stats
+        gen = tables.generation
+        credits: dict[int, list] = {}  # id(decision) -> [decision, frames, bytes]
+        for frame in frames:
+            key = extract(frame, inp.no)
+            d = cache.get(key)
+            if d is None or d.generation != gen:
+                stats.flow_cache_misses += 1
+                d = decide(tables, key)
+                if len(cache) >= FLOW_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = d
+            else:
+                stats.flow_cache_hits += 1
+            c = credits.get(id(d))
+            if c is None:
+                credits[id(d)] = [d, 1, len(frame)]
+            else:
+                c[1] += 1
+                c[2] += len(frame)
+            outputs = d.apply(frame)
+            if not outputs:
+                inp.counters.drop("flow", rx=True)
+                continue
+            for kind, port, f in outputs:
+                if kind == "normal":
+                    self._normal(inp, f, now, out)
+                elif kind == "output" or kind == "in_port":
+                    if port in self.ports:
+                        out.setdefault(port, []).append(f)
+                else:  # flood, all: every port but the ingress one, frame as it is
+                    for no in self.ports:
+                        if no != inp.no:
+                            out.setdefault(no, []).append(f)
+        for d, n, nbytes in credits.values():
+            d.credit(n, nbytes, now)
 
     def _normal(self, inp: BridgePort, frame: Frame, now: float, out: dict[int, list[Frame]]) -> None:
         if len(frame) < ETH_HLEN:
@@ -176,7 +285,9 @@ class Bridge:
             self._flood_cache[key] = targets
         return targets
 
-    def expire(self, now: float) -> int:
-        """Age out MAC entries; called periodically by the runtime."""
-        return self.fdb.expire(now)
+    def expire(self, now: float) -> list[FlowEntry]:
+        """Age out MAC entries and expire timed-out rules; called periodically by the
+        runtime.  Returns the rules that expired."""
+        self.fdb.expire(now)
+        return self.flows.expire(now)
 

@@ -35,7 +35,8 @@ log = logging.getLogger("pyswitch")
 
 PORT_COLUMNS = ("type", "tag", "trunks", "vlan_mode")
 DEFAULT_DB = "/var/lib/pyswitch/conf.yaml"
-MUTATING = {"add-br", "del-br", "add-port", "del-port", "set-port", "set-bridge", "set"}
+MUTATING = {"add-br", "del-br", "add-port", "del-port", "set-port", "set-bridge", "set",
+            "add-flow", "add-flows", "del-flows", "mod-flows", "replace-flows"}
 
 
 class UsageError(Exception):
@@ -180,11 +181,30 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if table == "bridge":
             return "set-bridge", {"bridge": args.record, "settings": dict(_pairs(args.settings))}
         raise UsageError(f"set: unknown table {args.table!r} (Bridge, Port or Interface)")
+    if v == "add-flow":
+        return v, {"bridge": args.bridge, "flow": args.flow}
+    if v in ("add-flows", "replace-flows"):
+        return v, {"bridge": args.bridge, "flows": _flow_file(args.file)}
+    if v in ("del-flows", "mod-flows"):
+        return v, {"bridge": args.bridge, "flow": args.flow, "strict": args.strict}
     raise UsageError(f"{v} cannot be chained")
 
 
-def _print(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+def _flow_file(path: str) -> list[str]:
+    """Flow strings from a file (``-``: standard input), one a line; # comments."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _print(args: argparse.Namespace, data: Any, text: Any) -> None:
+    """``data`` as JSON with --json, else ``text`` (a string, or a function of data)."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text(data) if callable(text) else text)
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -210,6 +230,9 @@ def cmd_read(args: argparse.Namespace) -> int:
     elif v in ("port-stats", "dump-ports"):
         data = call("port-stats", {"bridge": args.bridge, "port": args.port}, path=path)
         _print(args, data, cli_format.port_stats(data))
+    elif v == "dump-flows":
+        data = call("dump-flows", {"bridge": args.bridge, "filter": args.flow, "json": args.json}, path=path)
+        _print(args, data, "\n".join)
     elif v == "export":
         text = dump_topology(load_topology_text(json.dumps(call("export", path=path)), "<daemon>"))
         if args.output:
@@ -298,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     ps = verb("port-stats", "per-port counters", cmd_read, ["dump-ports"])
     ps.add_argument("bridge", nargs="?")
     ps.add_argument("port", nargs="?")
+    af = verb("add-flow", "add a flow rule (ovs-ofctl syntax)", None)
+    af.add_argument("bridge")
+    af.add_argument("flow")
+    for name, help_text in (("add-flows", "add the flow rules of a file (- for stdin)"),
+                            ("replace-flows", "make the bridge's rules those of a file")):
+        fl = verb(name, help_text, None)
+        fl.add_argument("bridge")
+        fl.add_argument("file")
+    dfl = verb("del-flows", "delete flow rules (all, or those a match selects)", None)
+    dfl.add_argument("bridge")
+    dfl.add_argument("flow", nargs="?", default="")
+    dfl.add_argument("--strict", action="store_true", help="match and priority must be identical")
+    mf = verb("mod-flows", "change the actions of the rules a match selects", None)
+    mf.add_argument("bridge")
+    mf.add_argument("flow")
+    mf.add_argument("--strict", action="store_true")
+    dpf = verb("dump-flows", "list a bridge's flow rules with their counters", cmd_read)
+    dpf.add_argument("bridge")
+    dpf.add_argument("flow", nargs="?", default="")
     ex = verb("export", "print the running configuration as a YAML topology", cmd_read)
     ex.add_argument("-o", "--output", help="write to this file instead")
     a = verb("apply", "make the running switch match a YAML topology", cmd_apply)
@@ -320,6 +362,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     """parse_args, but KEY=VALUE words may also follow options (``add-port br0 p --type
     memory tag=7``), as ovs-vsctl allows."""
     args, extra = parser.parse_known_args(argv)
+    if len(extra) == 1 and getattr(args, "flow", None) == "" and not extra[0].startswith("-"):
+        args.flow, extra = extra[0], []  # `del-flows BR --strict FLOW`: FLOW after an option
     if extra:
         target = "names" if hasattr(args, "names") else "settings"
         if not hasattr(args, target) or any(x.startswith("-") or "=" not in x for x in extra):

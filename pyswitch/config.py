@@ -76,6 +76,9 @@ class BridgeConfig:
     mac_aging_time: int = DEFAULT_AGING_TIME
     mac_table_size: int = DEFAULT_MAX_ENTRIES
     ports: dict[str, PortConfig] = field(default_factory=dict)
+    #: flow rules in ovs-ofctl syntax (canonical form); None = the fail mode's default
+    #: (standalone: ``priority=0 actions=NORMAL``; secure: none).
+    flows: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -86,6 +89,8 @@ class BridgeConfig:
         if self.mac_table_size != DEFAULT_MAX_ENTRIES:
             d["mac_table_size"] = self.mac_table_size
         d["ports"] = {n: p.to_dict() for n, p in self.ports.items()}
+        if self.flows is not None:
+            d["flows"] = list(self.flows)
         return d
 
 @dataclass
@@ -169,7 +174,7 @@ def _options(value: Any, path: Path) -> dict[str, str]:
     return out
 
 PORT_KEYS = {"type", "tag", "trunks", "vlan_mode", "options"}
-BRIDGE_KEYS = {"fail_mode", "mac_aging_time", "mac_table_size", "ports"}
+BRIDGE_KEYS = {"fail_mode", "mac_aging_time", "mac_table_size", "ports", "flows"}
 
 def parse_port(name: str, raw: Any, path: Path) -> PortConfig:
     check_name(name, path, "port")
@@ -218,7 +223,32 @@ def parse_bridge(name: str, raw: Any, path: Path) -> BridgeConfig:
     ports = _mapping(d.get("ports"), path + ("ports",), "ports")
     for pname, praw in ports.items():
         br.ports[pname] = parse_port(pname, praw, path + ("ports", pname))
+    if "flows" in d:
+        br.flows = _flows(d["flows"], list(br.ports), path + ("flows",))
     return br
+
+
+def _flows(value: Any, port_names: list[str], path: Path) -> list[str]:
+    """Validate flow strings against the bridge's port names; return canonical texts.
+
+    Port numbers here are provisional (the order of ``ports``): they only let names
+    resolve; the bridge parses the rules again with its real port numbers."""
+    from .flows import FlowSyntaxError, PortNames, format_flow, parse_flow
+
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of flow strings, not {_kind(value)}")
+    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(port_names)})
+    out = []
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise ConfigError(path + (i,), f"a flow is a string in ovs-ofctl syntax, not {_kind(text)}")
+        try:
+            out.append(format_flow(parse_flow(text, names), names))
+        except (FlowSyntaxError, ValueError) as exc:
+            raise ConfigError(path + (i,), str(exc)) from None
+    return out
 
 def parse_config(raw: Any, extra_keys: set[str] | None = None) -> SwitchConfig:
     """Validate plain data (from YAML or the database) into a :class:`SwitchConfig`."""

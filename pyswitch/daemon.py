@@ -14,13 +14,18 @@ configuration); ``pyswitch daemon`` restores from and saves to the database.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError, SwitchConfig, parse_config
 from .control import ControlError, ControlServer, control_path
+from .bridge import DEFAULT_FLOW
 from .db import ConfigStore
+from .flows import (Flow, FlowSyntaxError, PortNames, entry_to_dict, format_dump_line, format_flow,
+                    parse_filter, parse_flow)
+from .flows.model import IN_PORT
 from .packet import mac_str
 from .port import PortError
 from .reconcile import execute, plan
@@ -48,12 +53,16 @@ class Daemon:
         self._mutators: dict[str, Callable[[Raw, dict[str, Any]], None]] = {
             "add-br": _add_br, "del-br": _del_br, "add-port": _add_port, "del-port": _del_port,
             "set-port": _set_port, "set-bridge": _set_bridge,
+            "add-flow": _add_flow, "add-flows": _add_flow, "del-flows": _del_flows,
+            "mod-flows": _mod_flows, "replace-flows": _replace_flows,
         }
         self._readers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "list-br": self._list_br, "br-exists": self._br_exists, "list-ports": self._list_ports,
             "show": self._show, "export": lambda p: self.cfg.to_dict(),
             "fdb-show": self._fdb_show, "fdb-flush": self._fdb_flush, "port-stats": self._port_stats,
+            "dump-flows": self._dump_flows,
         }
+        self.switch.on_flows_expired = self._flows_expired
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self, initial: SwitchConfig | None = None) -> None:
@@ -102,7 +111,7 @@ class Daemon:
             return texts
         try:
             execute(changes)
-        except (PortError, OSError) as exc:
+        except (PortError, OSError, ValueError) as exc:
             raise ControlError(f"{exc} (nothing was changed)") from None
         self.cfg = new
         self.errors = {}
@@ -206,6 +215,32 @@ class Daemon:
                 out[n] = {"bridge": self.switch.port_bridge(n), "ofport": self.switch.port_number(n),
                           "type": port.type_name, **port.counters.as_dict()}
         return out
+
+
+    def _dump_flows(self, params: dict[str, Any]) -> list[Any]:
+        br = self.switch.bridges[self._bridge(params)]
+        now = self.switch.loop.now()
+        try:
+            filt = parse_filter(params.get("filter") or "", br.names)
+        except FlowSyntaxError as exc:
+            raise ControlError(f"dump-flows: {exc}", 2) from None
+        if params.get("json"):
+            return [entry_to_dict(e, now, br.names) for e in br.flows.select(filt)]
+        return [format_dump_line(e, now, br.names) for e in br.flows.select(filt)]
+
+    def _flows_expired(self, bridge: str, entries: list[Any]) -> None:
+        """Rules that timed out leave the configuration too (and the database)."""
+        bcfg = self.cfg.bridges.get(bridge)
+        if bcfg is None or bcfg.flows is None:
+            return
+        names = self.switch.bridges[bridge].names
+        gone = {format_flow(e.flow, names) for e in entries}
+        bcfg.flows = [t for t in bcfg.flows if t not in gone]
+        if self.store is not None:
+            try:
+                self.store.save(self.cfg)
+            except OSError as exc:
+                log.error("saving %s after flow expiry failed: %s", self.store.path, exc)
 
 
 def _without(cfg: SwitchConfig, failed: dict[str, str]) -> SwitchConfig:
@@ -324,6 +359,7 @@ def _del_port(raw: Raw, p: dict[str, Any]) -> None:
             return
         where = f" on bridge {p['bridge']}" if p.get("bridge") else ""
         raise ControlError(f"no port named {name}{where}", 2)
+    _drop_flows_naming(raw["bridges"][found[0]], str(name))
     del raw["bridges"][found[0]]["ports"][name]
 
 
@@ -353,3 +389,85 @@ def _apply_port_settings(port: Raw, settings: dict[str, Any]) -> None:
         else:
             raise ControlError(f"unknown port setting {key!r} (use type, tag, trunks, vlan_mode "
                                "or options:KEY)", 2)
+
+
+# -- flow mutators: the bridge's list of rule strings, as ovs-ofctl would change its table ---
+
+def _bridge_flows(raw: Raw, p: dict[str, Any]) -> tuple[Raw, list[str], PortNames]:
+    name = p.get("bridge")
+    br = raw.get("bridges", {}).get(name)
+    if br is None:
+        raise ControlError(f"no bridge named {name}", 2)
+    flows = br.get("flows")
+    if flows is None:  # the fail mode's default is what the table holds now
+        flows = [] if br.get("fail_mode") == "secure" else [format_flow(DEFAULT_FLOW)]
+    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(br.get("ports", {}))})
+    return br, list(flows), names
+
+
+def _parse_each(texts: list[str], names: PortNames) -> list[Flow]:
+    try:
+        return [parse_flow(t, names) for t in texts]
+    except FlowSyntaxError as exc:
+        raise ControlError(str(exc), 2) from None
+
+
+def _add_flow(raw: Raw, p: dict[str, Any]) -> None:
+    """add-flow: a rule with the same table, priority and match is replaced (as OVS)."""
+    br, flows, names = _bridge_flows(raw, p)
+    texts = p.get("flows") if "flows" in p else [p.get("flow")]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ControlError("add-flow needs a flow string", 2)
+    current = _parse_each(flows, names)
+    for new in _parse_each(texts, names):
+        keep = [(t, f) for t, f in zip(flows, current)
+                if (f.table, f.priority, f.match) != (new.table, new.priority, new.match)]
+        flows = [t for t, _ in keep] + [format_flow(new, names)]
+        current = [f for _, f in keep] + [new]
+    br["flows"] = flows
+
+
+def _select(p: dict[str, Any], flows: list[str], names: PortNames, with_actions: bool = False
+            ) -> tuple[Any, list[bool]]:
+    try:
+        filt = parse_filter(p.get("flow") or "", names, with_actions=with_actions)
+    except FlowSyntaxError as exc:
+        raise ControlError(str(exc), 2) from None
+    strict = bool(p.get("strict"))
+    return filt, [filt.selects(f, strict) for f in _parse_each(flows, names)]
+
+
+def _del_flows(raw: Raw, p: dict[str, Any]) -> None:
+    br, flows, names = _bridge_flows(raw, p)
+    _, chosen = _select(p, flows, names)
+    br["flows"] = [t for t, c in zip(flows, chosen) if not c]
+
+
+def _mod_flows(raw: Raw, p: dict[str, Any]) -> None:
+    br, flows, names = _bridge_flows(raw, p)
+    filt, chosen = _select(p, flows, names, with_actions=True)
+    out = []
+    for text, flow, c in zip(flows, _parse_each(flows, names), chosen):
+        out.append(format_flow(dataclasses.replace(flow, actions=filt.actions), names) if c else text)
+    br["flows"] = out
+
+
+def _replace_flows(raw: Raw, p: dict[str, Any]) -> None:
+    br, _, names = _bridge_flows(raw, p)
+    texts = p.get("flows")
+    if not isinstance(texts, list):
+        raise ControlError("replace-flows needs a list of flows", 2)
+    br["flows"] = [format_flow(f, names) for f in _parse_each(texts, names)]
+
+
+def _drop_flows_naming(br: Raw, port: str) -> None:
+    """Rules that name a port (in_port or output) go with it."""
+    if not br.get("flows"):
+        return
+    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(br.get("ports", {}))})
+    no = names.to_number(port)
+    kept = []
+    for text, flow in zip(br["flows"], _parse_each(br["flows"], names)):
+        if flow.match.exact(IN_PORT) != no and not flow.outputs_to(no):
+            kept.append(text)
+    br["flows"] = kept

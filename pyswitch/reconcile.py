@@ -66,7 +66,13 @@ def plan(sw: Switch, old: SwitchConfig, new: SwitchConfig) -> list[Change]:
             additions.append(_add_port(sw, bname, pcfg))
         elif prev[1].vlan != pcfg.vlan:
             additions.append(_set_vlan(sw, prev[1], pcfg))
-    return removals + bridges + additions
+    flows: list[Change] = []  # last: rules name ports that must exist by then
+    for bname, bcfg in new.bridges.items():
+        obr = old.bridges.get(bname)
+        before = (None, "standalone") if obr is None else (obr.flows, obr.fail_mode)
+        if (bcfg.flows, bcfg.fail_mode) != before:
+            flows.append(_set_flows(sw, bname, before[0], bcfg.flows))
+    return removals + bridges + additions + flows
 
 
 def execute(changes: list[Change]) -> None:
@@ -124,6 +130,12 @@ def _set_bridge(sw: Switch, old: BridgeConfig, new: BridgeConfig) -> Change:
     return Change(f"set bridge {new.name} mac_aging_time={new.mac_aging_time} "
                   f"mac_table_size={new.mac_table_size} fail_mode={new.fail_mode}",
                   setter(new), setter(old))
+
+
+def _set_flows(sw: Switch, bridge: str, old: list[str] | None, new: list[str] | None) -> Change:
+    what = "the default for its fail mode" if new is None else f"{len(new)} rule(s)"
+    return Change(f"set flows of {bridge}: {what}", lambda: sw.set_flows(bridge, new),
+                  lambda: sw.set_flows(bridge, old))
 
 
 def _copy_port(p: PortConfig) -> PortConfig:

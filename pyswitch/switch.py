@@ -12,10 +12,11 @@ Ports are numbered per bridge like OpenFlow ports (1, 2, ...), lowest free numbe
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .bridge import Bridge
 from .config import BridgeConfig, PortConfig, SwitchConfig
+from .flows import FlowEntry
 from .loop import EventLoop, TimerHandle
 from .port import MAX_BURST, Port, PortError, port_type
 from .vlan import PortVlan
@@ -73,6 +74,8 @@ class Switch:
         self._by_port: dict[Port, _Attached] = {}
         self._outputs: dict[str, dict[int, Port]] = {}  # bridge -> port number -> port
         self._aging = self.loop.call_every(AGING_SWEEP_INTERVAL, self._age)
+        #: called with (bridge name, expired FlowEntry list) when rules time out
+        self.on_flows_expired: Callable[[str, list[FlowEntry]], None] | None = None
         #: batch_sizes[n] = how many received batches held n frames (n <= MAX_BURST)
         self.batch_sizes = [0] * (MAX_BURST + 1)
 
@@ -84,6 +87,8 @@ class Switch:
                 self.add_bridge(bcfg)
                 for pcfg in bcfg.ports.values():
                     self.add_port(bcfg.name, pcfg)
+                if bcfg.flows is not None:
+                    self.set_flows(bcfg.name, bcfg.flows)
         except BaseException:
             self.close()
             raise
@@ -91,7 +96,8 @@ class Switch:
     def add_bridge(self, bcfg: BridgeConfig) -> Bridge:
         if bcfg.name in self.bridges:
             raise PortError(f"bridge {bcfg.name} already exists")
-        br = Bridge(bcfg.name, bcfg.mac_aging_time, bcfg.mac_table_size, bcfg.fail_mode)
+        br = Bridge(bcfg.name, bcfg.mac_aging_time, bcfg.mac_table_size, bcfg.fail_mode,
+                    created=self.loop.now())
         self.bridges[bcfg.name] = br
         self._outputs[bcfg.name] = {}
         log.info("bridge %s: created (mac aging %ss, table size %d)",
@@ -109,7 +115,7 @@ class Switch:
     def set_bridge(self, name: str, aging_time: int, table_size: int, fail_mode: str) -> None:
         br = self.bridges[name]
         br.set_mac_limits(aging_time, table_size)
-        br.fail_mode = fail_mode
+        br.fail_mode = fail_mode  # the flows that depend on it are set by the caller
 
     def add_port(self, bridge: str, pcfg: PortConfig) -> Port:
         """Create, open and attach a port; PortError (nothing left behind) on failure."""
@@ -192,12 +198,18 @@ class Switch:
             src.release()
         return len(frames) >= MAX_BURST
 
+    def set_flows(self, bridge: str, texts: list[str] | None) -> None:
+        """Make ``bridge``'s flow tables hold ``texts`` (None: the fail mode's default)."""
+        self.bridges[bridge].set_flows(texts, self.loop.now())
+
     def _age(self) -> None:
         now = self.loop.now()
         for br in self.bridges.values():
-            n = br.expire(now)
-            if n:
-                log.debug("bridge %s: %d MAC entries aged out", br.name, n)
+            expired = br.expire(now)
+            if expired:
+                log.info("bridge %s: %d flow(s) expired", br.name, len(expired))
+                if self.on_flows_expired is not None:
+                    self.on_flows_expired(br.name, expired)
 
     # -- running -------------------------------------------------------------------------
     def run(self) -> None:

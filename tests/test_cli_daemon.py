@@ -247,3 +247,30 @@ def test_socket_group_grants_access(tmp_path, open_rundir):
         assert r.returncode == 1 and "permission denied" in r.stderr
     finally:
         d.stop()
+
+
+def test_flows_survive_a_restart_and_go_with_their_port(daemon, tmp_path):
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    d.cli("add-port", "br0", "m1", "--type", "memory")
+    d.cli("add-port", "br0", "m2", "--type", "memory")
+    d.cli("add-flow", "br0", "priority=100,in_port=m1,udp,tp_dst=53 actions=drop")
+    d.cli("add-flow", "br0", "priority=100,in_port=m1,udp,tp_dst=53 actions=output:m2")  # replaces
+    rules = tmp_path / "rules.txt"
+    rules.write_text("# comment\npriority=5,in_port=m2 actions=output:m1\n\npriority=6,arp actions=flood\n")
+    d.cli("add-flows", "br0", str(rules))
+    d.cli("mod-flows", "br0", "arp actions=normal")
+    before = d.cli("dump-flows", "br0").stdout
+    assert "priority=100,udp,in_port=m1,tp_dst=53 actions=output:m2" in before
+    assert "priority=6,arp actions=NORMAL" in before and before.count("cookie=") == 4
+    d.stop()
+    d.start()
+    after = d.cli("dump-flows", "br0").stdout
+    assert [ln.split(", ", 6)[-1] for ln in after.splitlines()] == \
+        [ln.split(", ", 6)[-1] for ln in before.splitlines()], (before, after)
+    d.cli("del-port", "m2")  # rules naming m2 go with it
+    left = d.cli("dump-flows", "br0").stdout
+    assert "m2" not in left and left.count("cookie=") == 2
+    d.cli("del-flows", "br0")
+    assert d.cli("dump-flows", "br0").stdout.strip() == ""
+    assert yaml.safe_load(d.db.read_text())["bridges"]["br0"]["flows"] == []
