@@ -97,6 +97,15 @@ class GuestRAM:
         r, off = self._locate(gpa, len(data))
         r.map[off : off + len(data)] = data
 
+    def write_u16(self, gpa: int, value: int) -> None:
+        """One 16-bit store (ring indexes are read concurrently by the device)."""
+        r, off = self._locate(gpa, 2)
+        view = memoryview(r.map)
+        try:
+            view[off : off + 2].cast("H")[0] = value
+        finally:
+            view.release()
+
     def read(self, gpa: int, n: int) -> bytes:
         r, off = self._locate(gpa, n)
         return bytes(r.map[off : off + n])
@@ -160,7 +169,7 @@ class DriverQueue:
             slot = self.avail_idx % self.size
             self.ram.write(self.avail + 4 + 2 * slot, U16.pack(h))
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.ram.write(self.avail + 2, U16.pack(self.avail_idx))
+        self.ram.write_u16(self.avail + 2, self.avail_idx)
 
     def set_avail_flags(self, flags: int) -> None:
         self.ram.write(self.avail, U16.pack(flags))

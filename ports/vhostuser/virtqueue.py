@@ -20,12 +20,18 @@ Safety rules, because guest memory is hostile:
   loop ends (rust-vmm's TTL); a bad chain raises :class:`BadChain` inside and is
   returned to the guest as used with length 0, dropped and counted, never fatal;
 * the used ring is written element by element and ``used.idx`` is published once
-  per batch, after the elements (x86 keeps store order; see ``vhost-user-notes``).
+  per batch, after the elements (x86 keeps store order; see ``vhost-user-notes``);
+* the ring indexes shared with the driver (``avail.idx``, ``used.idx``, the event
+  indexes) are read and written as whole 16-bit words through ``memoryview.cast``
+  views.  ``struct.pack_into("<H")`` stores a u16 one byte at a time: a driver
+  polling ``used.idx`` (DPDK virtio-user) then sees a torn value such as 0x0100 ->
+  0x0000 -> 0x0200, frees descriptors it never sent and crashes.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,12 +39,12 @@ from typing import Sequence
 from .memory import BadAddress, GuestMemory
 
 DESC = struct.Struct("<QIHH")
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")
 #: virtio-net header with num_buffers (5.1.6 "Device Operation"): 12 bytes with VERSION_1/MRG_RXBUF.
 NET_HDR = struct.Struct("<BBHHHHH")
-assert (DESC.size, USED_ELEM.size, NET_HDR.size) == (16, 8, 12)
+assert (DESC.size, NET_HDR.size) == (16, 12)
 NET_HDR_LEN = NET_HDR.size
+# The cast views below use the host's byte order for the rings' little-endian fields.
+assert sys.byteorder == "little", "split rings are accessed natively: little-endian hosts only"
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -93,20 +99,26 @@ class Virtqueue:
         self.desc = mem.uva(desc, 16 * size)
         self.avail = mem.uva(avail, 6 + 2 * size)
         self.used = mem.uva(used, 6 + 8 * size)
+        # Whole-word views (see the module docstring): avail16[1] = avail.idx,
+        # avail16[2 + i] = avail.ring[i], avail16[2 + N] = used_event; used16[1] =
+        # used.idx, used16[2 + 4N] = avail_event; used32[2i], used32[2i + 1] = ring[i].
+        self._avail16 = self.avail.cast("H")
+        self._used16 = self.used.cast("H")
+        self._used32 = self.used[4 : 4 + 8 * size].cast("I")
         self.event_idx = event_idx
         self.last_avail_idx = last_avail_idx & 0xFFFF
-        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        self.used_idx = self._used16[1]
         self.stats = QueueStats()
         self.broken = False
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
+        self._used_event = 2 + size
+        self._avail_event = 2 + 4 * size
 
     # -- avail side -----------------------------------------------------------------------
     def pending(self) -> int:
         """How many avail entries wait; 0 (and ``broken``) if the guest's index is absurd."""
         if self.broken:
             return 0
-        n = (U16.unpack_from(self.avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        n = (self._avail16[1] - self.last_avail_idx) & 0xFFFF
         if n > self.size:
             # 2.7.13: the driver never has more than N buffers out; this ring is corrupt.
             self.broken = True
@@ -118,8 +130,8 @@ class Virtqueue:
         n = min(self.pending(), max_n)
         if not n:
             return []
-        avail, size, last = self.avail, self.size, self.last_avail_idx
-        heads = [U16.unpack_from(avail, 4 + 2 * ((last + i) & (size - 1)))[0] for i in range(n)]
+        avail, mask, last = self._avail16, self.size - 1, self.last_avail_idx
+        heads = [avail[2 + ((last + i) & mask)] for i in range(n)]
         self.last_avail_idx = (last + n) & 0xFFFF
         return heads
 
@@ -167,12 +179,14 @@ class Virtqueue:
         """
         if not entries:
             return False
-        used, mask, old = self.used, self.size - 1, self.used_idx
+        used, mask, old = self._used32, self.size - 1, self.used_idx
         idx = old
         for head, length in entries:
-            USED_ELEM.pack_into(used, 4 + 8 * (idx & mask), head, length)
+            slot = 2 * (idx & mask)
+            used[slot] = head
+            used[slot + 1] = length
             idx = (idx + 1) & 0xFFFF
-        U16.pack_into(used, 2, idx)  # publish after the elements
+        self._used16[1] = idx  # publish after the elements, one 16-bit store
         self.used_idx = idx
         return self.need_notify(old, idx)
 
@@ -181,16 +195,16 @@ class Virtqueue:
         if self.event_idx:
             with _fence:  # full barrier: publish used.idx before reading used_event
                 pass
-            event = U16.unpack_from(self.avail, self._used_event_off)[0]
+            event = self._avail16[self._used_event]
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def ask_kicks(self, enable: bool) -> None:
         """Ask the driver to kick on new buffers or not (used.flags / avail_event)."""
         if self.event_idx:
             value = self.last_avail_idx if enable else (self.last_avail_idx - 1) & 0xFFFF
-            U16.pack_into(self.used, self._avail_event_off, value)
-        U16.pack_into(self.used, 0, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[self._avail_event] = value
+        self._used16[0] = 0 if enable else VIRTQ_USED_F_NO_NOTIFY
 
     # -- transmitq: frames from the guest -------------------------------------------------
     def pop_frames(self, max_n: int, frames: list, heads: list[int], hdr_len: int = NET_HDR_LEN) -> int:
@@ -211,7 +225,7 @@ class Virtqueue:
             except BadChain:
                 bad += 1
         if self.event_idx:
-            U16.pack_into(self.used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event] = self.last_avail_idx
         self.stats.bad_chains += bad
         return bad
 
