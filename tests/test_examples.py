@@ -49,3 +49,35 @@ def test_vlans_example(example):
     assert not ping("ex-v10a", "10.79.0.3", count=2)
     sw.stop()
     assert not leftovers("ex-")
+
+
+def test_systemd_unit_verifies_and_its_command_runs(tmp_path):
+    """examples/pyswitch.service: systemd accepts it, and its ExecStart runs the daemon."""
+    import shlex
+    import sys
+    import time
+
+    text = (EXAMPLES / "pyswitch.service").read_text()
+    exe = str(Path(sys.executable).with_name("pyswitch"))
+    unit = tmp_path / "pyswitch.service"
+    unit.write_text(text.replace("/opt/pyswitch/.venv/bin/pyswitch", exe))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    exec_start = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("ExecStart=")][0]
+    argv = shlex.split(exec_start)
+    argv[0] = exe
+    argv[argv.index("--db") + 1] = str(tmp_path / "conf.yaml")
+    env = {**__import__("os").environ, "PYSWITCH_RUNDIR": str(tmp_path / "run")}
+    log = tmp_path / "log"
+    proc = subprocess.Popen(argv, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "running:" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        subprocess.run([exe, "add-br", "br0"], env=env, check=True, timeout=30)
+        assert (tmp_path / "conf.yaml").exists()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert proc.returncode == 0
