@@ -274,3 +274,23 @@ def test_flows_survive_a_restart_and_go_with_their_port(daemon, tmp_path):
     d.cli("del-flows", "br0")
     assert d.cli("dump-flows", "br0").stdout.strip() == ""
     assert yaml.safe_load(d.db.read_text())["bridges"]["br0"]["flows"] == []
+
+
+def test_port_changes_do_not_disturb_traffic_on_other_ports(daemon, prefix):
+    d = daemon.start()
+    p = prefix
+    d.cli("add-br", "br0")
+    for n in (1, 2):
+        d.cli("add-port", "br0", f"{p}{n}", "--type", "veth", "-o", f"netns={p}{n}",
+              "-o", f"peer-address=10.98.0.{n}/24")
+    assert ping(f"{p}1", "10.98.0.2")
+    pinger = subprocess.Popen(["ip", "netns", "exec", f"{p}1", "ping", "-q", "-i", "0.01", "-c", "400",
+                               "-W", "1", "10.98.0.2"], stdout=subprocess.PIPE, text=True)
+    for round_ in range(4):  # ports come and go while the two hosts talk
+        d.cli("add-port", "br0", f"{p}x{round_}", "--type", "veth", "-o", f"netns={p}x{round_}")
+        d.cli("add-port", "br0", f"m{round_}", "--type", "memory")
+        d.cli("set-port", f"m{round_}", "tag=7")
+        d.cli("del-port", f"{p}x{round_}")
+    out, _ = pinger.communicate(timeout=60)
+    assert pinger.returncode == 0, out
+    assert " 400 received, 0% packet loss" in out, out
