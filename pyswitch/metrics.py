@@ -12,7 +12,8 @@ listed in ``docs/metrics.md``.
 ``CollectorRegistry`` (never the global one): default ``127.0.0.1:9477``
 (:data:`DEFAULT_ADDRESS`, :data:`DEFAULT_PORT`; 9477 is clear of the OVS exporters'
 9310/9475/1981 and node_exporter's 9100).  The HTTP thread only competes for the GIL;
-a collection reads a few ints per port and copies small dicts, so it is cheap.
+a collection reads a few ints per port and copies small dicts, so it is cheap (numbers,
+and why the daemon should ``gc.freeze()`` its start-up heap: docs/metrics.md, "Cost").
 
 ``prometheus_client`` (≈ 0.1 s to import) is imported only when a collection runs or a
 server starts, so ``pyswitch check`` and the configuration layer, which use
