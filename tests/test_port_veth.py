@@ -199,14 +199,18 @@ def test_existing_missing_interface_fails(open_port: Callable) -> None:
 def test_same_name_twice_fails_and_leaves_nothing(open_port: Callable) -> None:
     name, ns1, ns2 = unique_name(), unique_name(), unique_name()
     first = open_port(name, netns=ns1, peer_address=f"{PEER_IP}/24")
-    before = ns_exec(None, "ip", "-o", "link").stdout.count("\n")
+    index = json.loads(ns_exec(None, "ip", "-j", "link", "show", "dev", name).stdout)[0]["ifindex"]
+    in_ns1 = ns_exec(ns1, "ip", "-o", "link").stdout
     with pytest.raises(PortError, match="already exists"):
         open_port(name, netns=ns2)
     assert not netns_exists(ns2), "the namespace made for the failed port must be gone"
-    assert ns_exec(None, "ip", "-o", "link").stdout.count("\n") == before
+    other = unique_name()
     with pytest.raises(PortError, match="peer-name"):
-        open_port(unique_name(), netns=ns1)  # eth0 is taken in ns1
-    assert ns_exec(None, "ip", "-o", "link").stdout.count("\n") == before
+        open_port(other, netns=ns1)  # eth0 is taken in ns1
+    assert not link_exists(other), "the failed port's link must be gone"
+    assert ns_exec(ns1, "ip", "-o", "link").stdout == in_ns1, "ns1 must be untouched"
+    now = json.loads(ns_exec(None, "ip", "-j", "link", "show", "dev", name).stdout)[0]["ifindex"]
+    assert now == index, "the first port's link must be the same one"
     assert first.transmit([arp_request(PORT_MAC, PORT_IP, PEER_IP)]) == 1
     receive_until(first, lambda p: ARP in p and p[ARP].op == 2)
 
