@@ -86,7 +86,7 @@ def setup_ring(dev, ram, index, size=16, kick=True):
 def test_offer_is_fixed_and_honest(dev):
     for _ in range(2):  # the same every time (front ends compare across reconnects)
         assert p.U64.unpack(dev.handle(msg(R.GET_FEATURES))[12:])[0] == OFFERED_FEATURES
-    assert OFFERED_FEATURES == (1 << 32) | (1 << 15) | (1 << 28) | (1 << 29) | (1 << 30)
+    assert OFFERED_FEATURES == (1 << 32) | (1 << 15) | (1 << 22) | (1 << 28) | (1 << 29) | (1 << 30)
     pf = p.U64.unpack(dev.handle(msg(R.GET_PROTOCOL_FEATURES))[12:])[0]
     assert pf == p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
     assert p.U64.unpack(dev.handle(msg(R.GET_QUEUE_NUM))[12:])[0] == 8

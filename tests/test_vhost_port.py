@@ -21,41 +21,14 @@ from pyswitch.ports.vhostuser.device import (
     VIRTIO_RING_F_EVENT_IDX,
 )
 from pyswitch.ports.vhostuser.port import VhostUserClientPort, VhostUserServerPort
-from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM, MiniLoop, wait_for
+from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM, wait_for
+from tests.vhost_frontend import PortHarness as Harness
 
 R = p.Request
 
 
 def frame(dst: int, n: int = 60, src: int = 1) -> bytes:
     return bytes([2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src]) + b"\x08\x00" + bytes([n % 256]) * (n - 14)
-
-
-class Harness:
-    """A port in a MiniLoop thread; received frames are copied into ``sink``."""
-
-    def __init__(self, port):
-        self.port = port
-        self.sink: list[bytes] = []
-        self.loop = MiniLoop(on_ready=self._drain)
-        port.open()
-        port.attach(self.loop)
-        self.loop.start()
-
-    def _drain(self) -> None:
-        frames = self.port.receive(32)
-        self.sink.extend(bytes(f) for f in frames)
-        if frames:
-            self.port.release()
-
-    def call(self, fn):
-        return self.loop.run_sync(fn)
-
-    def close(self) -> None:
-        try:
-            self.loop.run_sync(self.port.close)
-        finally:
-            self.loop.stop()
-        assert not self.loop.errors, self.loop.errors
 
 
 @pytest.fixture

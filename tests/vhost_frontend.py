@@ -500,3 +500,40 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+class PortHarness:
+    """A port opened and attached to a :class:`MiniLoop` thread.
+
+    Frames the port receives are copied into ``sink`` (the first ``keep`` of them;
+    ``received`` counts all).  ``call(fn)`` runs ``fn`` in the loop thread.
+    """
+
+    def __init__(self, port, keep: int = 1 << 20) -> None:
+        self.port = port
+        self.sink: list[bytes] = []
+        self.received = 0
+        self.keep = keep
+        self.loop = MiniLoop(on_ready=self._drain)
+        port.open()
+        port.attach(self.loop)
+        self.loop.start()
+
+    def _drain(self) -> None:
+        frames = self.port.receive(32)
+        self.received += len(frames)
+        room = self.keep - len(self.sink)
+        if room > 0:
+            self.sink.extend(bytes(f) for f in frames[:room])
+        if frames:
+            self.port.release()
+
+    def call(self, fn):
+        return self.loop.run_sync(fn)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_sync(self.port.close)
+        finally:
+            self.loop.stop()
+        assert not self.loop.errors, self.loop.errors

@@ -39,15 +39,20 @@ log = logging.getLogger(__name__)
 
 # virtio feature bits (virtio 1.2, 5.1.3 and 6).
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_MQ = 1 << 22
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 VIRTIO_F_VERSION_1 = 1 << 32
 
 #: What we offer, always the same (a front end that reconnects must see the same set).
+#: VIRTIO_NET_F_MQ is the device half of multiqueue: QEMU (vhost-user "user feature
+#: bits") and DPDK virtio-user give a guest more than one queue pair only if the back
+#: end offers it; the control queue that sets the pair count stays in the front end.
 OFFERED_FEATURES = (
     VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_MQ
     | VIRTIO_RING_F_INDIRECT_DESC
     | VIRTIO_RING_F_EVENT_IDX
     | VHOST_USER_F_PROTOCOL_FEATURES
