@@ -215,3 +215,12 @@ def test_reset_closes_every_fd(ram):
     dev.reset()
     assert len(os.listdir("/proc/self/fd")) == before
     assert dev.features == 0 and dev.memory is None
+
+
+def test_enable_accepted_once_protocol_features_were_exchanged(dev):
+    """QEMU 7.2 sends SET_VRING_ENABLE after SET_PROTOCOL_FEATURES and before SET_FEATURES
+    acks bit 30 (seen with a real guest: refusing it left every ring disabled)."""
+    dev.handle(u64(R.SET_PROTOCOL_FEATURES, int(p.ProtocolFeature.REPLY_ACK)))
+    reply = dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1), need_reply=True))
+    assert reply == p.encode_u64_reply(R.SET_VRING_ENABLE, 0)
+    assert dev.rings[1].enabled

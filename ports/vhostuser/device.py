@@ -129,6 +129,7 @@ class Device:
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
+        self.protocol_negotiated = False  # SET_PROTOCOL_FEATURES was received
         self.owner = False
         self.memory: GuestMemory | None = None
         self.rings = [Vring(i) for i in range(2 * max_queue_pairs)]
@@ -223,6 +224,7 @@ class Device:
         if value & ~int(OFFERED_PROTOCOL_FEATURES):
             raise DeviceError(f"front end acked protocol features {value:#x} not offered")
         self.protocol_features = value
+        self.protocol_negotiated = True
         return None
 
     def get_queue_num(self, msg: p.Message) -> bytes:
@@ -350,7 +352,10 @@ class Device:
 
     def set_vring_enable(self, msg: p.Message) -> None:
         state = p.parse_vring_state(msg)
-        if not self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+        # QEMU sends SET_VRING_ENABLE as soon as protocol features were exchanged (it
+        # only does that after seeing bit 30 offered), possibly before SET_FEATURES acks
+        # bit 30: accept either sign of negotiation, as DPDK's vhost library does.
+        if not (self.features & VHOST_USER_F_PROTOCOL_FEATURES or self.protocol_negotiated):
             raise DeviceError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         if state.num > 1:
             raise DeviceError(f"SET_VRING_ENABLE: value {state.num}")
@@ -411,4 +416,5 @@ class Device:
             self.memory.close()
             self.memory = None
         self.features, self.features_set, self.protocol_features = 0, False, 0
+        self.protocol_negotiated = False
         self.owner = False
