@@ -1,0 +1,315 @@
+"""What both vhost-user socket roles share: one front-end connection and the data path.
+
+:class:`VhostUserPort` composes the three layers (:mod:`.protocol` over the socket,
+:mod:`.device` for the state machine and guest memory, :mod:`.virtqueue` for the
+rings) with the switch's port contract (:mod:`pyswitch.port`).  The socket role --
+listen or connect -- is added by the subclasses in :mod:`.port`.
+
+Directions are the switch's: :meth:`VhostUserPort.receive` pops the guest's
+transmitqs (vring 2i+1), :meth:`VhostUserPort.transmit` fills its receiveqs (vring 2i).
+Everything runs on the loop thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from typing import Any, Mapping, Sequence
+
+from pyswitch.port import MAX_BURST, Frame, Port, PortIO, Timer
+
+from . import protocol as p
+from .device import Device, FatalDeviceError, Vring
+
+log = logging.getLogger(__name__)
+
+#: How long a front end may stall in the middle of one message before we drop it.
+MESSAGE_TIMEOUT = 1.0
+#: Period of the poll timer for rings whose front end sends no kick fd.
+POLL_INTERVAL = 0.001
+
+
+class VhostUserPort(Port):
+    """What both socket roles share: one connection, one :class:`Device`, the data path."""
+
+    role = ""
+
+    def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
+        super().__init__(name, options)
+        self.io: PortIO | None = None
+        self.conn: socket.socket | None = None
+        self.device = Device(before_close_kick=self._unwatch_kick)
+        self._kick_watch: dict[int, int] = {}  # kick fd -> vring index
+        self._pending: list[tuple[Vring, list[int]]] = []  # TX heads awaiting release()
+        self._tx: list[Vring] = []  # started TX rings
+        self._rx: list[Vring] = []  # started and enabled RX rings
+        self._tx_rr = 0
+        self._poll_timer: Timer | None = None
+        self._closed = False
+        self.vhost_stats: dict[str, int] = {
+            "connections": 0, "reconnects": 0, "disconnects": 0, "kicks": 0,
+            "notifications_sent": 0, "notifications_suppressed": 0,
+            "tx_disabled_discards": 0, "broken_rings": 0,
+        }
+
+    # -- connection ---------------------------------------------------------------------
+    def _connected(self, sock: socket.socket) -> None:
+        assert self.io is not None
+        sock.settimeout(MESSAGE_TIMEOUT)
+        self.conn = sock
+        stats = self.vhost_stats
+        stats["reconnects"] += 1 if stats["connections"] else 0
+        stats["connections"] += 1
+        self.io.watch(sock.fileno(), self._on_control)
+        log.info("%s: vhost-user front end connected", self.name)
+
+    def _disconnect(self, reason: str) -> None:
+        """Drop the front end: rings, fds and memory go; counters stay."""
+        if self.conn is None:
+            return
+        assert self.io is not None
+        log.info("%s: vhost-user front end disconnected: %s", self.name, reason)
+        self._return_pending()
+        self.io.unwatch(self.conn.fileno())
+        self.conn.close()
+        self.conn = None
+        self.device.reset()  # unwatches kick fds through _unwatch_kick
+        self._refresh()
+        self.vhost_stats["disconnects"] += 1
+        self._after_disconnect()
+
+    def _after_disconnect(self) -> None:
+        """Role-specific: wait for the next front end (server) or reconnect (client)."""
+
+    def _on_control(self) -> None:
+        """The control socket is readable: handle one message."""
+        if self.conn is None:
+            return
+        try:
+            msg = p.read_message(self.conn)
+        except p.ProtocolError as exc:
+            self._disconnect(str(exc))
+            return
+        log.debug("%s: %s", self.name, msg.name())
+        self._return_pending()  # a message may stop rings or replace memory
+        try:
+            reply = self.device.handle(msg)
+            if reply is not None:
+                p.send_message(self.conn, reply)
+        except (FatalDeviceError, p.Disconnected) as exc:
+            self._disconnect(str(exc))
+            return
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-derive watched kick fds, ring lists and the poll timer from the device."""
+        assert self.io is not None
+        for ring in self.device.rings:
+            fd = ring.kick_fd
+            if fd is not None and fd not in self._kick_watch:
+                self._kick_watch[fd] = ring.index
+                self.io.watch(fd, functools.partial(self._on_kick, ring.index))
+        rings = self.device.rings
+        self._tx = [r for r in rings if r.is_tx and r.started]
+        self._rx = [r for r in rings if not r.is_tx and r.started and r.enabled]
+        for ring in rings:
+            if ring.started and not ring.is_tx and ring.queue is not None:
+                ring.queue.ask_kicks(False)  # we look for RX buffers on every transmit
+        if any(r.polled for r in self._tx) and self._poll_timer is None:
+            self._poll_timer = self.io.call_later(POLL_INTERVAL, self._poll)
+        if self._tx:
+            self.io.rx_ready()
+
+    def _unwatch_kick(self, fd: int) -> None:
+        if self._kick_watch.pop(fd, None) is not None and self.io is not None:
+            self.io.unwatch(fd)
+
+    def _on_kick(self, index: int) -> None:
+        ring = self.device.rings[index]
+        if ring.kick_fd is None:
+            return
+        try:
+            os.eventfd_read(ring.kick_fd)
+        except (BlockingIOError, OSError):
+            pass
+        self.vhost_stats["kicks"] += 1
+        if not ring.started:
+            self.device.kick(index)
+            self._refresh()
+        elif ring.is_tx and self.io is not None:
+            self.io.rx_ready()
+
+    def _poll(self) -> None:
+        self._poll_timer = None
+        if self.io is None or not any(r.polled for r in self._tx):
+            return
+        self.io.rx_ready()
+        self._poll_timer = self.io.call_later(POLL_INTERVAL, self._poll)
+
+    # -- data path ----------------------------------------------------------------------
+    def receive(self, max_frames: int = MAX_BURST) -> Sequence[Frame]:
+        """Frames the guest transmitted (header stripped), at most ``max_frames``.
+
+        Views over guest memory, valid until :meth:`release`.  Bad chains are
+        returned to the guest and counted as ``bad_descriptor``; a disabled
+        transmitq is drained and its frames discarded (vhost-user.rst, ring states).
+        """
+        if self._pending:
+            self._return_pending()
+        frames: list[Frame] = []
+        tx = self._tx
+        if not tx:
+            return frames
+        hdr_len, n = self.device.hdr_len, len(tx)
+        start, self._tx_rr = self._tx_rr % n, self._tx_rr + 1
+        for i in range(n):
+            ring = tx[(start + i) % n]
+            q = ring.queue
+            if q is None:
+                continue
+            heads: list[int] = []
+            before = len(frames)
+            bad = q.pop_frames(max_frames - before, frames, heads, hdr_len)
+            if heads:
+                self._pending.append((ring, heads))
+            if q.broken:
+                self._ring_broken(ring)
+            if bad:
+                self.counters.drop("bad_descriptor", bad, rx=True)
+            if not ring.enabled:
+                self.vhost_stats["tx_disabled_discards"] += len(frames) - before
+                del frames[before:]
+            if len(frames) >= max_frames:
+                break
+        if frames:
+            self.counters.rx_packets += len(frames)
+            self.counters.rx_bytes += sum(map(len, frames))
+        else:
+            self.release()
+        return frames
+
+    def _ring_broken(self, ring: Vring) -> None:
+        """The guest moved its avail index by more than the ring size: stop the ring
+        (the front end must set it up again); the port keeps serving the others."""
+        log.error("%s: vring %d: avail index corrupt, ring stopped", self.name, ring.index)
+        self.vhost_stats["broken_rings"] += 1
+        self.device.stop_ring(ring)
+        self._refresh()
+
+    def release(self) -> None:
+        """Give the last batch's buffers back: used entries, one call per ring."""
+        more = self._return_pending()
+        if more and self.io is not None:
+            self.io.rx_ready()
+
+    def _return_pending(self) -> bool:
+        """Put pending TX heads on the used rings; True if more frames wait."""
+        more = False
+        for ring, heads in self._pending:
+            q = ring.queue
+            if q is None:  # stopped meanwhile: nothing to return to
+                continue
+            self._notify(ring, q.put_used([(h, 0) for h in heads]))
+            more = more or q.pending() > 0
+        self._pending.clear()
+        return more
+
+    def _notify(self, ring: Vring, wanted: bool) -> None:
+        if wanted and ring.call():
+            self.vhost_stats["notifications_sent"] += 1
+        else:
+            self.vhost_stats["notifications_suppressed"] += 1
+
+    def transmit(self, frames: Sequence[Frame]) -> int:
+        """Copy ``frames`` into the guest's enabled receiveqs; returns frames taken
+        (sent or dropped as ``mtu``/``bad_descriptor``); the rest are ``no_buffer``
+        drops (``link_down`` if no receiveq is started and enabled)."""
+        if not frames:
+            return 0
+        rx = self._rx
+        if not rx:
+            self.counters.drop("link_down", len(frames), rx=False)
+            return 0
+        if len(rx) == 1:
+            groups: list[tuple[Vring, Sequence[Frame]]] = [(rx[0], frames)]
+        else:
+            groups = _spread(rx, frames)
+        taken = 0
+        for ring, group in groups:
+            taken += self._fill(ring, group)
+        return taken
+
+    def _fill(self, ring: Vring, frames: Sequence[Frame]) -> int:
+        q = ring.queue
+        assert q is not None
+        res = q.fill_frames(frames, self.device.mergeable, self.device.hdr_len)
+        c = self.counters
+        c.tx_packets += res.sent
+        c.tx_bytes += res.bytes
+        if res.bad:
+            c.drop("bad_descriptor", res.bad, rx=False)
+        if res.too_big:
+            c.drop("mtu", res.too_big, rx=False)
+        if res.taken < len(frames):
+            c.drop("no_buffer", len(frames) - res.taken, rx=False)
+        if res.sent or res.bad or res.too_big:
+            self._notify(ring, res.notify)
+        return res.taken
+
+    # -- operator views -----------------------------------------------------------------
+    def link_state(self) -> str:
+        """``up`` when a front end is connected and a TX+RX ring pair is started."""
+        if self.conn is None:
+            return "down"
+        rings = self.device.rings
+        for i in range(0, len(rings), 2):
+            if rings[i].started and rings[i + 1].started:
+                return "up"
+        return "down"
+
+    def status(self) -> dict[str, Any]:
+        dev = self.device
+        rings = dev.rings
+        pairs = sum(1 for i in range(0, len(rings), 2) if rings[i].enabled and rings[i + 1].enabled)
+        return {
+            "role": self.role,
+            "socket": self.socket_path(),
+            "connected": self.conn is not None,
+            "features": f"{dev.features:#x}",
+            "protocol_features": f"{dev.protocol_features:#x}",
+            "mergeable_rx": dev.mergeable,
+            "event_idx": dev.event_idx,
+            "queue_pairs": pairs if self.conn is not None else 0,
+            "memory_regions": len(dev.memory.regions) if dev.memory else 0,
+            "vhost_stats": dict(self.vhost_stats),
+        }
+
+    def socket_path(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.conn is not None:
+            self._return_pending()
+            if self.io is not None:
+                self.io.unwatch(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+        self.device.reset()
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        self._tx, self._rx = [], []
+
+
+def _spread(rx: list[Vring], frames: Sequence[Frame]) -> list[tuple[Vring, Sequence[Frame]]]:
+    """Group frames by receiveq using a hash of the MAC addresses (keeps a flow in order)."""
+    n = len(rx)
+    buckets: list[list[Frame]] = [[] for _ in range(n)]
+    for f in frames:
+        buckets[hash(bytes(f[:12])) % n].append(f)
+    return [(rx[i], b) for i, b in enumerate(buckets) if b]
