@@ -377,10 +377,11 @@ def test_ping_and_iperf3_tcp_between_namespaces(open_port: Callable) -> None:
     (which fails if the peers' offloads leak super-frames or unfinished checksums)."""
     iperf3 = require_tool("iperf3", "iperf3")
     ns_a, ns_b = unique_name(), unique_name()
-    a = open_port(unique_name(), netns=ns_a, peer_address="10.202.0.1/24")
-    b = open_port(unique_name(), netns=ns_b, peer_address="10.202.0.2/24")
+    a = open_port(unique_name(), netns=ns_a, peer_address="10.202.0.1/24,fd00:202::1/64")
+    b = open_port(unique_name(), netns=ns_b, peer_address="10.202.0.2/24,fd00:202::2/64")
     with PortWire([a, b]) as wire:
         ns_exec(ns_a, *ping_argv("10.202.0.2", count=2, wait_s=2))
+        ns_exec(ns_a, *ping_argv("fd00:202::2", count=2, wait_s=2))  # ND over multicast
         with ns_process(ns_b, iperf3, "-s", "-1", "-B", "10.202.0.2"):
             time.sleep(0.3)
             run = ns_exec(ns_a, iperf3, "-c", "10.202.0.2", "-t", "2", "-J", timeout=30)
