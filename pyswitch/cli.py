@@ -101,10 +101,17 @@ def _run_daemon(args: argparse.Namespace, initial: SwitchConfig | None, db: Path
     from .db import DatabaseError
     from .port import PortError
 
-    d = Daemon(args.rundir, db, getattr(args, "control_group", None))
+    override: dict[str, Any] = {}
+    if args.no_metrics:
+        override["enabled"] = False
+    if args.metrics_address is not None:
+        override["address"] = args.metrics_address
+    if args.metrics_port is not None:
+        override["port"] = args.metrics_port
+    d = Daemon(args.rundir, db, getattr(args, "control_group", None), override)
     try:
         d.start(initial)
-    except (DatabaseError, ControlError, PortError) as exc:
+    except (DatabaseError, ControlError, PortError, OSError) as exc:
         log.error("%s", exc)
         d.close()
         return 1
@@ -282,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--db", default=os.environ.get("PYSWITCH_DB", DEFAULT_DB),
                    help=f"configuration database (default $PYSWITCH_DB or {DEFAULT_DB})")
     d.add_argument("--control-group", help="group allowed to use the control socket (default: root only)")
+    for sp in (up, d):
+        sp.add_argument("--metrics-address", help="serve /metrics on this address (overrides the configuration)")
+        sp.add_argument("--metrics-port", type=int, help="serve /metrics on this port (0: any free port)")
+        sp.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     verb("check", "validate a YAML topology without creating anything", cmd_check).add_argument("topology")
     verb("show-default", "print the embedded default topology", cmd_show_default)
 

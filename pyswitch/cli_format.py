@@ -55,6 +55,7 @@ def port_stats(stats: dict[str, dict[str, Any]]) -> str:
                      f"errs={s['rx_errors']}")
         lines.append(f"{'':>10}tx pkts={s['tx_packets']}, bytes={s['tx_bytes']}, "
                      f"drop={s['tx_dropped']}, errs={s['tx_errors']}")
-        if s.get("drops"):
-            lines.append(f"{'':>10}drops: " + ", ".join(f"{k}={v}" for k, v in sorted(s["drops"].items())))
+        drops = {k: v for k, v in (s.get("drops") or {}).items() if v}
+        if drops:
+            lines.append(f"{'':>10}drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
     return "\n".join(lines)

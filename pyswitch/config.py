@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .bridge import FAIL_MODES
+from .metrics import MetricsConfig, parse_metrics_config
 from .fdb import DEFAULT_AGING_TIME, DEFAULT_MAX_ENTRIES
 from .port import PortError, port_type
 from .vlan import PortVlan, VlanConfigError
@@ -96,9 +97,14 @@ class BridgeConfig:
 @dataclass
 class SwitchConfig:
     bridges: dict[str, BridgeConfig] = field(default_factory=dict)
+    #: where /metrics is served (docs/metrics.md); on, on loopback, by default
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bridges": {n: b.to_dict() for n, b in self.bridges.items()}}
+        d: dict[str, Any] = {"bridges": {n: b.to_dict() for n, b in self.bridges.items()}}
+        if self.metrics != MetricsConfig():
+            d["metrics"] = self.metrics.to_dict()
+        return d
 
     def find_port(self, name: str) -> tuple[BridgeConfig, PortConfig] | None:
         for br in self.bridges.values():
@@ -253,8 +259,8 @@ def _flows(value: Any, port_names: list[str], path: Path) -> list[str]:
 def parse_config(raw: Any, extra_keys: set[str] | None = None) -> SwitchConfig:
     """Validate plain data (from YAML or the database) into a :class:`SwitchConfig`."""
     d = _mapping(raw, (), "the configuration")
-    _check_keys(d, {"bridges"} | (extra_keys or set()), ())
-    cfg = SwitchConfig()
+    _check_keys(d, {"bridges", "metrics"} | (extra_keys or set()), ())
+    cfg = SwitchConfig(metrics=parse_metrics_config(d.get("metrics")))
     seen: dict[str, str] = {}
     bridges = _mapping(d.get("bridges"), ("bridges",), "bridges")
     for bname, braw in bridges.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,9 @@ from .db import ConfigStore
 from .flows import (Flow, FlowSyntaxError, PortNames, entry_to_dict, format_dump_line, format_flow,
                     parse_filter, parse_flow)
 from .flows.model import IN_PORT
+from .metrics import MetricsConfig, MetricsError, MetricsServer, start_metrics_server
 from .packet import mac_str
+from .stats import port_stats
 from .port import PortError
 from .reconcile import execute, plan
 from .switch import Switch
@@ -44,8 +47,12 @@ Raw = dict[str, Any]
 
 
 class Daemon:
-    def __init__(self, rundir: Path, db: Path | None = None, group: str | None = None) -> None:
+    def __init__(self, rundir: Path, db: Path | None = None, group: str | None = None,
+                 metrics_override: dict[str, Any] | None = None) -> None:
         self.switch = Switch()
+        #: command-line settings of /metrics that win over the configuration (not saved)
+        self.metrics_override = metrics_override or {}
+        self.metrics: MetricsServer | None = None
         self.cfg = SwitchConfig()
         self.store = ConfigStore(db) if db is not None else None
         self.control = ControlServer(control_path(rundir), self.switch.loop, self.dispatch, group)
@@ -78,6 +85,19 @@ class Daemon:
             self._restore(cfg)
         else:
             self.commit(cfg)
+        self.metrics = self._start_metrics(cfg.metrics)
+        # Long-lived objects made so far never die: keep the collector from walking
+        # them (a full collection stalls forwarding for tens of milliseconds).
+        gc.collect()
+        gc.freeze()
+
+    def _start_metrics(self, mcfg: MetricsConfig) -> MetricsServer | None:
+        """Serve /metrics as configured (and overridden); MetricsError if it cannot."""
+        eff = dataclasses.replace(mcfg, **self.metrics_override)
+        if not eff.enabled:
+            log.info("metrics: disabled")
+            return None
+        return start_metrics_server(self.switch, eff.address, eff.port)
 
     def _restore(self, cfg: SwitchConfig) -> None:
         """Build every saved bridge and port; a port that fails is logged and kept in the
@@ -97,6 +117,9 @@ class Daemon:
         self.switch.run()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self.control.close()
         self.switch.close()
         self.switch.loop.close()
@@ -107,12 +130,31 @@ class Daemon:
         live = _without(self.cfg, self.errors)
         changes = plan(self.switch, live, new)
         texts = [c.text for c in changes]
+        metrics_changed = new.metrics != self.cfg.metrics and self.control.path.exists()
+        if metrics_changed:
+            texts.append(f"set metrics {new.metrics.to_dict()}")
         if dry_run:
             return texts
+        new_server = None
+        if metrics_changed:  # first, so that a port it cannot bind changes nothing
+            old_server, self.metrics = self.metrics, None
+            if old_server is not None:
+                old_server.close()
+            try:
+                new_server = self._start_metrics(new.metrics)
+            except MetricsError as exc:
+                self.metrics = self._start_metrics(self.cfg.metrics)
+                raise ControlError(f"{exc} (nothing was changed)") from None
         try:
             execute(changes)
         except (PortError, OSError, ValueError) as exc:
+            if metrics_changed:
+                if new_server is not None:
+                    new_server.close()
+                self.metrics = self._start_metrics(self.cfg.metrics)
             raise ControlError(f"{exc} (nothing was changed)") from None
+        if metrics_changed:
+            self.metrics = new_server
         self.cfg = new
         self.errors = {}
         if self.store is not None:
@@ -203,18 +245,13 @@ class Daemon:
         return {n: self.switch.bridges[n].fdb.flush() for n in names}
 
     def _port_stats(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The same snapshot /metrics serves (pyswitch.stats), so the two agree."""
         names = self._list_ports(params) if params.get("bridge") else self.switch.port_names()
         if params.get("port"):
             if params["port"] not in self.switch.port_names():
                 raise ControlError(f"no port named {params['port']}", 2)
             names = [params["port"]]
-        out = {}
-        for n in names:
-            if n in self.switch.port_names():
-                port = self.switch.port(n)
-                out[n] = {"bridge": self.switch.port_bridge(n), "ofport": self.switch.port_number(n),
-                          "type": port.type_name, **port.counters.as_dict()}
-        return out
+        return port_stats(self.switch, names)
 
 
     def _dump_flows(self, params: dict[str, Any]) -> list[Any]:

@@ -30,7 +30,7 @@ class DaemonProcess:
         mark = f"--- start {self.starts}\n"
         logf.write(mark)
         logf.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "daemon"], stdout=logf,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "daemon", "--metrics-port", "0"], stdout=logf,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         logf.close()
         if not expect_running:

@@ -56,13 +56,14 @@ class SwitchProcess:
         path.write_text(topology)
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyswitch", "up", str(path)],
+            [sys.executable, "-m", "pyswitch", "up", str(path), "--metrics-port", "0"],
             stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
             if "running:" in text:
+                self.metrics_url = _metrics_url(text)
                 return self
             if self.proc.poll() is not None:
                 raise AssertionError(f"pyswitch up exited {self.proc.returncode}:\n{text}")
@@ -84,6 +85,13 @@ class SwitchProcess:
         text = self.log.read_text()
         assert self.proc.returncode == 0, f"exit status {self.proc.returncode}:\n{text}"
         return text
+
+
+def _metrics_url(log: str) -> str | None:
+    for line in log.splitlines():
+        if "metrics: serving " in line:
+            return line.split("metrics: serving ", 1)[1].strip()
+    return None
 
 
 def leftovers(prefix: str) -> list[str]:

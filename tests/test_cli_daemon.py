@@ -231,7 +231,8 @@ def test_control_socket_refuses_unprivileged_users(tmp_path, open_rundir):
 def test_socket_group_grants_access(tmp_path, open_rundir):
     subprocess.run(["groupadd", "-f", "pyswitchtest"], check=True)
     d = DaemonProcess(tmp_path, rundir=open_rundir)
-    d.proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "daemon", "--control-group", "pyswitchtest"],
+    d.proc = subprocess.Popen([sys.executable, "-m", "pyswitch", "daemon", "--control-group", "pyswitchtest",
+                               "--no-metrics"],
                               stdout=open(d.log, "w"), stderr=subprocess.STDOUT, env=d.env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30

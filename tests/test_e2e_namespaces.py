@@ -206,6 +206,21 @@ def test_default_topology_runs_and_is_reachable(tmp_path):
         assert ping("psw-h1", "10.77.0.2")
         r = subprocess.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.1"], capture_output=True, timeout=20)
         assert r.returncode == 0
+        # /metrics is on by default, on loopback port 9477, and agrees with port-stats
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        def scrape() -> float:
+            body = urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=10).read().decode()
+            return [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                    if s.name == "pyswitch_port_rx_packets_total" and s.labels["port"] == "psw-h1"][0]
+
+        before = scrape()  # the hosts may send IPv6 chatter meanwhile: port-stats lies between
+        stats = json.loads(subprocess.run([sys.executable, "-m", "pyswitch", "port-stats", "--json"], env=env,
+                                          capture_output=True, text=True, check=True, timeout=30).stdout)
+        after = scrape()
+        assert 3 <= before <= stats["psw-h1"]["rx_packets"] <= after, (before, stats["psw-h1"], after)
     finally:
         proc.terminate()
         proc.wait(15)
