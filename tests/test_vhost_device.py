@@ -88,7 +88,7 @@ def test_offer_is_fixed_and_honest(dev):
         assert p.U64.unpack(dev.handle(msg(R.GET_FEATURES))[12:])[0] == OFFERED_FEATURES
     assert OFFERED_FEATURES == (1 << 32) | (1 << 15) | (1 << 22) | (1 << 28) | (1 << 29) | (1 << 30)
     pf = p.U64.unpack(dev.handle(msg(R.GET_PROTOCOL_FEATURES))[12:])[0]
-    assert pf == p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
+    assert pf == p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
     assert p.U64.unpack(dev.handle(msg(R.GET_QUEUE_NUM))[12:])[0] == 8
 
 
@@ -224,3 +224,51 @@ def test_enable_accepted_once_protocol_features_were_exchanged(dev):
     reply = dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1), need_reply=True))
     assert reply == p.encode_u64_reply(R.SET_VRING_ENABLE, 0)
     assert dev.rings[1].enabled
+
+
+def single_region(ram, i, fds=True):
+    r = ram.table()[i]
+    payload = p.SINGLE_MEM_REGION.pack(0, r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                       r.mmap_offset)
+    return msg(R.ADD_MEM_REG, payload, [os.dup(ram.fds()[i])] if fds else [], need_reply=True)
+
+
+def test_add_and_remove_memory_regions():
+    """CONFIGURE_MEM_SLOTS: regions arrive one by one; a ring starts once its memory is there
+    and is stopped (not crashed) when the region it lives in is removed."""
+    ram = GuestRAM([(0, 1 << 20), (0x4000_0000, 1 << 20)])
+    dev = Device()
+    try:
+        negotiate(dev, protocol=int(p.ProtocolFeature.REPLY_ACK
+                                    | p.ProtocolFeature.CONFIGURE_MEM_SLOTS))
+        assert p.U64.unpack(dev.handle(msg(R.GET_MAX_MEM_SLOTS))[12:])[0] >= 8
+        assert status(dev.handle(single_region(ram, 0))) == 0
+        q, kfd = setup_ring(dev, ram, 1)
+        dev.kick(1)
+        assert dev.rings[1].started
+        # the second region carries the frame buffer: not mapped yet -> bad chain
+        buf = ram.alloc(200, region=1)
+        ram.write(buf, bytes(12) + b"m" * 60)
+        q.make_available([q.add_chain([(buf, 72, False)])])
+        frames, heads = [], []
+        assert dev.rings[1].queue.pop_frames(32, frames, heads) == 1 and frames == []
+        assert status(dev.handle(single_region(ram, 1))) == 0
+        q.make_available([q.add_chain([(buf, 72, False)])])
+        dev.rings[1].queue.pop_frames(32, frames, heads)
+        assert [bytes(f) for f in frames] == [b"m" * 60]
+        del frames
+        # an overlapping region is refused; a region sent without its fd too
+        assert status(dev.handle(single_region(ram, 1))) == 1
+        assert status(dev.handle(single_region(ram, 0, fds=False))) == 1
+        # remove the region holding the ring: the ring stops, the device goes on
+        rem = single_region(ram, 0)
+        rem.request = R.REM_MEM_REG
+        assert status(dev.handle(rem)) == 0
+        assert not dev.rings[1].started and len(dev.memory.regions) == 1
+        rem2 = single_region(ram, 0)
+        rem2.request = R.REM_MEM_REG
+        assert status(dev.handle(rem2)) == 1  # already gone
+        os.close(kfd)
+    finally:
+        dev.reset()
+        ram.close()

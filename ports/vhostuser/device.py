@@ -57,7 +57,12 @@ OFFERED_FEATURES = (
     | VIRTIO_RING_F_EVENT_IDX
     | VHOST_USER_F_PROTOCOL_FEATURES
 )
-OFFERED_PROTOCOL_FEATURES = p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
+OFFERED_PROTOCOL_FEATURES = (
+    p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
+)
+#: Memory regions we accept through ADD_MEM_REG (GET_MAX_MEM_SLOTS); SET_MEM_TABLE
+#: carries at most 8.
+MAX_MEM_SLOTS = 64
 #: Requests whose reply is their value: if one fails the front end would wait forever.
 ALWAYS_REPLY = frozenset({
     p.Request.GET_FEATURES, p.Request.GET_PROTOCOL_FEATURES, p.Request.GET_VRING_BASE,
@@ -150,6 +155,9 @@ class Device:
             p.Request.SET_PROTOCOL_FEATURES: self.set_protocol_features,
             p.Request.GET_QUEUE_NUM: self.get_queue_num,
             p.Request.SET_VRING_ENABLE: self.set_vring_enable,
+            p.Request.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            p.Request.ADD_MEM_REG: self.add_mem_reg,
+            p.Request.REM_MEM_REG: self.rem_mem_reg,
         }
 
     # -- negotiated facts -------------------------------------------------------------
@@ -255,6 +263,36 @@ class Device:
             old.close()
         log.info("vhost-user memory table: %d regions, %d MiB",
                  len(table), memory.total_size() >> 20)
+        return None
+
+    def get_max_mem_slots(self, msg: p.Message) -> bytes:
+        return p.encode_u64_reply(msg.request, MAX_MEM_SLOTS)
+
+    def add_mem_reg(self, msg: p.Message) -> None:
+        """One more region (CONFIGURE_MEM_SLOTS): existing views stay valid, so started
+        rings keep running; a ring waiting for its memory may start on its next kick."""
+        region = p.parse_single_region(msg)
+        if len(msg.fds) != 1:
+            raise DeviceError(
+                f"ADD_MEM_REG came with {len(msg.fds)} fds: the guest RAM is not shared "
+                "(memory-backend-memfd/file with share=on)"
+            )
+        if self.memory is None:
+            self.memory = GuestMemory()
+        try:
+            self.memory.add(region, msg.fds[0], MAX_MEM_SLOTS)
+        except ValueError as exc:
+            raise DeviceError(str(exc)) from exc
+        return None
+
+    def rem_mem_reg(self, msg: p.Message) -> None:
+        """Drop one region; started rings are rebuilt (a ring that lived there stops)."""
+        region = p.parse_single_region(msg)
+        if self.memory is None or not self.memory.remove(region):
+            raise DeviceError(f"REM_MEM_REG: no region at guest physical {region.guest_phys_addr:#x}")
+        for ring in self.rings:
+            if ring.started:
+                self._remap_ring(ring)
         return None
 
     def _remap_ring(self, ring: Vring) -> None:

@@ -89,14 +89,35 @@ class GuestMemory:
             if b - a < asize:
                 raise ValueError(f"memory regions overlap at guest physical {b:#x}")
 
+    def add(self, region: MemRegion, fd: int, max_regions: int) -> None:
+        """Map one more region (ADD_MEM_REG).  ``ValueError`` if it overlaps another
+        region or the table is full; nothing changes on failure."""
+        if len(self.regions) >= max_regions:
+            raise ValueError(f"memory table full ({max_regions} regions)")
+        mapped = _map_region(region, fd)
+        self.regions.append(mapped)
+        try:
+            self._check_overlaps()
+        except ValueError:
+            self.regions.pop()
+            _unmap(mapped)
+            raise
+
+    def remove(self, region: MemRegion) -> bool:
+        """Unmap the region matching ``region`` (REM_MEM_REG: same guest physical address,
+        size and front-end address); False if there is none."""
+        for i, r in enumerate(self.regions):
+            if (r.gpa, r.size, r.uva) == (
+                region.guest_phys_addr, region.memory_size, region.userspace_addr
+            ):
+                _unmap(self.regions.pop(i))
+                return True
+        return False
+
     def close(self) -> None:
         """Unmap every region (deferred for a region a live view still exports)."""
         for region in self.regions:
-            region.view.release()
-            try:
-                region.map.close()
-            except BufferError:
-                log.debug("region at gpa %#x still referenced; unmapped when released", region.gpa)
+            _unmap(region)
         self.regions = []
 
     # -- translation: the one accessor --------------------------------------------------
@@ -119,6 +140,14 @@ class GuestMemory:
 
     def total_size(self) -> int:
         return sum(r.size for r in self.regions)
+
+
+def _unmap(region: MappedRegion) -> None:
+    region.view.release()
+    try:
+        region.map.close()
+    except BufferError:  # a ring or frame view still uses it: unmapped when that goes
+        log.debug("region at gpa %#x still referenced; unmapped when released", region.gpa)
 
 
 def _map_region(region: MemRegion, fd: int) -> MappedRegion:
