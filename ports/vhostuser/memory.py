@@ -58,6 +58,7 @@ class GuestMemory:
 
     def __init__(self, regions: Sequence[MappedRegion] = ()) -> None:
         self.regions: list[MappedRegion] = list(regions)
+        self._last: MappedRegion | None = None  # region of the last gpa() hit
 
     @classmethod
     def map(cls, table: Sequence[MemRegion], fds: Sequence[int]) -> GuestMemory:
@@ -100,6 +101,7 @@ class GuestMemory:
             self._check_overlaps()
         except ValueError:
             self.regions.pop()
+            self._last = None
             _unmap(mapped)
             raise
 
@@ -111,6 +113,7 @@ class GuestMemory:
                 region.guest_phys_addr, region.memory_size, region.userspace_addr
             ):
                 _unmap(self.regions.pop(i))
+                self._last = None
                 return True
         return False
 
@@ -119,14 +122,21 @@ class GuestMemory:
         for region in self.regions:
             _unmap(region)
         self.regions = []
+        self._last = None
 
     # -- translation: the one accessor --------------------------------------------------
     def gpa(self, addr: int, length: int) -> memoryview:
         """View of ``length`` bytes at guest-physical ``addr``; :class:`BadAddress` if
         the range is not inside one region.  ``length`` may be 0."""
+        r = self._last
+        if r is not None:
+            off = addr - r.gpa
+            if 0 <= off <= r.size and length <= r.size - off:
+                return r.view[off : off + length]
         for r in self.regions:
             off = addr - r.gpa
             if 0 <= off <= r.size and length <= r.size - off:
+                self._last = r
                 return r.view[off : off + length]
         raise BadAddress(f"guest physical {addr:#x}+{length} is outside guest memory")
 

@@ -49,6 +49,7 @@ assert sys.byteorder == "little", "split rings are accessed natively: little-end
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
+_CHAINED = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
@@ -142,6 +143,17 @@ class Virtqueue:
         than the table (TTL), nested or malformed INDIRECT (2.7.5.3), a buffer of the
         wrong direction, or an address outside guest memory.
         """
+        if head < self.size:  # fast path: one direct descriptor (its single fetch is used)
+            addr, length, flags, _nxt = DESC.unpack_from(self.desc, 16 * head)
+            if not flags & _CHAINED and bool(flags & VIRTQ_DESC_F_WRITE) == writable:
+                try:
+                    return [self.mem.gpa(addr, length)]
+                except BadAddress as exc:
+                    raise BadChain(str(exc)) from exc
+        return self._walk_chain(head, writable)
+
+    def _walk_chain(self, head: int, writable: bool) -> list[memoryview]:
+        """:meth:`walk` for chained and indirect descriptors (fetches each one once)."""
         table, table_n, idx = self.desc, self.size, head
         ttl, indirect, segs = self.size, False, []
         mem = self.mem
@@ -221,7 +233,11 @@ class Virtqueue:
         for head in self._take_heads(max_n):
             heads.append(head)
             try:
-                frames.append(_strip_header(self.walk(head, writable=False), hdr_len))
+                segs = self.walk(head, False)
+                if len(segs) == 1 and len(segs[0]) > hdr_len:
+                    frames.append(segs[0][hdr_len:])
+                else:
+                    frames.append(_strip_header(segs, hdr_len))
             except BadChain:
                 bad += 1
         if self.event_idx:
@@ -241,46 +257,64 @@ class Virtqueue:
         """
         res = RxResult()
         used: list[tuple[int, int]] = []
+        avail = _Avail(self._take_heads(self.size))  # every buffer the guest offers now
         for frame in frames:
             need = hdr_len + len(frame)
-            mark = self.last_avail_idx
-            chains = self._collect(need, mergeable, res, used)
+            mark = avail.pos
+            chains = self._collect(avail, need, mergeable, res, used)
             if chains is None:
-                self.last_avail_idx = mark  # not consumed: the guest keeps these buffers
+                avail.pos = mark  # not consumed: the guest keeps these buffers
                 break
             res.taken += 1
             if not chains:
                 continue  # dropped (too big or bad chain), heads already returned
-            lengths = _scatter([segs for _, segs in chains], hdr_len, len(chains), frame)
-            used.extend((head, n) for (head, _), n in zip(chains, lengths))
+            if len(chains) == 1:
+                used.append((chains[0][0], _scatter_one(chains[0][1], hdr_len, frame)))
+            else:
+                lengths = _scatter([segs for _, segs in chains], hdr_len, len(chains), frame)
+                used.extend((head, n) for (head, _), n in zip(chains, lengths))
             res.sent += 1
             res.bytes += len(frame)
+        # give back the heads we looked at but did not use
+        self.last_avail_idx = (self.last_avail_idx - (len(avail.heads) - avail.pos)) & 0xFFFF
         self.stats.bad_chains += res.bad
         res.notify = self.put_used(used)
         return res
 
-    def _collect(self, need: int, mergeable: bool, res: RxResult, used: list) -> list | None:
+    def _collect(self, avail: _Avail, need: int, mergeable: bool, res: RxResult,
+                 used: list) -> list | None:
         """Chains with room for ``need`` bytes; ``None`` if the guest has too few buffers;
         ``[]`` if the frame is dropped (bad chain or too big) with the heads returned."""
         chains: list[tuple[int, list[memoryview]]] = []
         room = 0
+        heads = avail.heads
         while room < need:
-            heads = self._take_heads(1)
-            if not heads:
+            if avail.pos >= len(heads):
                 return None
+            head = heads[avail.pos]
+            avail.pos += 1
             try:
-                segs = self.walk(heads[0], writable=True)
+                segs = self.walk(head, True)
             except BadChain:
                 res.bad += 1
-                used.extend((h, 0) for h in [*(h for h, _ in chains), heads[0]])
+                used.extend((h, 0) for h in [*(h for h, _ in chains), head])
                 return []
-            chains.append((heads[0], segs))
-            room += sum(len(s) for s in segs)
+            chains.append((head, segs))
+            room += len(segs[0]) if len(segs) == 1 else sum(map(len, segs))
             if not mergeable and room < need:
                 res.too_big += 1
-                used.append((heads[0], 0))
+                used.append((head, 0))
                 return []
         return chains
+
+
+class _Avail:
+    """Heads taken from the avail ring for one batch and how many were consumed."""
+
+    __slots__ = ("heads", "pos")
+
+    def __init__(self, heads: list[int]) -> None:
+        self.heads, self.pos = heads, 0
 
 
 @dataclass(slots=True)
@@ -311,6 +345,20 @@ def _strip_header(segs: list[memoryview], hdr_len: int) -> memoryview | bytes:
     if skip or not parts:
         raise BadChain("chain shorter than the virtio-net header plus a frame")
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _scatter_one(segs: list[memoryview], hdr_len: int, frame) -> int:
+    """Header (num_buffers 1) and frame into one chain; bytes written."""
+    first = segs[0]
+    total = hdr_len + len(frame)
+    if len(first) >= total:
+        first[:hdr_len] = _HDR1[:hdr_len]
+        first[hdr_len:total] = frame
+        return total
+    return _scatter([segs], hdr_len, 1, frame)[0]
+
+
+_HDR1 = NET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
 
 
 def _scatter(chains: list[list[memoryview]], hdr_len: int, nbufs: int, frame) -> list[int]:
