@@ -275,7 +275,7 @@ def test_bad_port_names_refused(name, tmp_path):
 
 
 @pytest.mark.parametrize("opts", [{"vhost-sock-mode": "999"}, {"vhost-sock-owner": "pst-nobody-x"},
-                                  {"bogus": "1"}])
+                                  {"bogus": "1"}, {"mtu": "67"}, {"mtu": "9k"}])
 def test_bad_options_refused(opts):
     with pytest.raises(PortError):
         VhostUserServerPort.validate_options("p0", opts)
@@ -356,3 +356,20 @@ def test_event_idx_driver_that_kicks_only_when_asked_never_stalls(server, fe, ra
                 kicks += 1
         assert wait_for(lambda: len(server.sink) == sent, 3), (len(server.sink), sent, kicks)
     assert 0 < kicks <= asked
+
+
+def test_mtu_drops_in_both_directions(server, fe, ram):
+    ((rxq, txq),) = bring_up(fe, ram)
+    rxq.post_rx_buffers(8, size=4096)
+    fe.kick(0)
+    tagged = frame(1, 1518)[:12] + b"\x81\x00\x00\x05" + frame(1, 1518)[16:]
+    for f in (frame(1, 1514), frame(2, 1515), tagged):
+        txq.send_frame(f)
+    fe.kick(1)
+    assert wait_for(lambda: txq.used_idx() == 3)  # all buffers go back to the guest
+    assert server.sink == [frame(1, 1514), tagged]
+    c = server.port.counters
+    assert c.drops["mtu"] == 1 and c.rx_dropped == 1
+    taken = server.call(lambda: server.port.transmit([frame(3, 1600), frame(4, 100)]))
+    assert taken == 2 and c.drops["mtu"] == 2 and c.tx_dropped == 1 and c.tx_packets == 1
+    assert [f for f, _ in rxq.receive_frames()] == [frame(4, 100)]

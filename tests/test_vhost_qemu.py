@@ -113,7 +113,8 @@ def test_jumbo_frames_span_mergeable_buffers_and_descriptor_chains(workdir):
     """MTU 9000, 8 KB pings: Linux posts page-sized mergeable RX buffers, so each
     8 KB frame the port writes spans several (num_buffers > 1), and Linux sends each
     one as a scatter-gather chain; both directions must carry every byte."""
-    ports = [VhostUserServerPort(f"vj{i}", {"vhost-sock-dir": str(workdir)}) for i in range(2)]
+    ports = [VhostUserServerPort(f"vj{i}", {"vhost-sock-dir": str(workdir), "mtu": "9000"})
+             for i in range(2)]
     wire = Wire(ports)
     try:
         macs = ("02:50:53:00:00:11", "02:50:53:00:00:12")

@@ -18,7 +18,7 @@ import os
 import socket
 from typing import Any, Mapping, Sequence
 
-from pyswitch.port import MAX_BURST, Frame, Port, PortIO, Timer
+from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO, Timer
 
 from . import protocol as p
 from .device import Device, FatalDeviceError, Vring
@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 MESSAGE_TIMEOUT = 1.0
 #: Period of the poll timer for rings whose front end sends no kick fd.
 POLL_INTERVAL = 0.001
+#: Default MTU (as OVS: a larger guest MTU needs the ``mtu`` option too).
+DEFAULT_MTU = 1500
+#: Options both socket roles accept.
+COMMON_OPTIONS = {
+    "mtu": f"largest payload after the Ethernet header, both directions (default {DEFAULT_MTU})",
+    "n-rxq": "accepted for OVS compatibility; queue pairs follow the front end",
+}
+_VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8")
 
 
 class VhostUserPort(Port):
@@ -38,6 +46,8 @@ class VhostUserPort(Port):
 
     def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
         super().__init__(name, options)
+        self.mtu = int(self.options.get("mtu", DEFAULT_MTU))
+        self._limit = self.mtu + 14  # + 4 for a tagged frame
         self.io: PortIO | None = None
         self.conn: socket.socket | None = None
         self.device = Device(before_close_kick=self._unwatch_kick)
@@ -53,6 +63,13 @@ class VhostUserPort(Port):
             "notifications_sent": 0, "notifications_suppressed": 0,
             "tx_disabled_discards": 0, "broken_rings": 0,
         }
+
+    @classmethod
+    def validate_options(cls, name: str, options: Mapping[str, str]) -> None:
+        super().validate_options(name, options)
+        text = options.get("mtu", str(DEFAULT_MTU))
+        if not text.isdigit() or not 68 <= int(text) <= 65535:
+            raise PortError(f"port {name}: mtu {text!r} is not a number in 68..65535")
 
     # -- connection ---------------------------------------------------------------------
     def _connected(self, sock: socket.socket) -> None:
@@ -183,12 +200,24 @@ class VhostUserPort(Port):
                 del frames[before:]
             if len(frames) >= max_frames:
                 break
+        if frames and max(map(len, frames)) > self._limit:
+            frames = self._drop_oversize(frames, rx=True)
         if frames:
             self.counters.rx_packets += len(frames)
             self.counters.rx_bytes += sum(map(len, frames))
         else:
             self.release()
         return frames
+
+    def _drop_oversize(self, frames: Sequence[Frame], rx: bool) -> list[Frame]:
+        """``frames`` without those longer than MTU + 14 (+ 4 if 802.1Q/802.1ad tagged),
+        which are counted as ``mtu`` drops."""
+        limit = self._limit
+        keep = [f for f in frames if len(f) <= limit
+                or (len(f) <= limit + 4 and bytes(f[12:14]) in _VLAN_TPIDS)]
+        if len(keep) < len(frames):
+            self.counters.drop("mtu", len(frames) - len(keep), rx=rx)
+        return keep
 
     def _ring_broken(self, ring: Vring) -> None:
         """The guest moved its avail index by more than the ring size: stop the ring
@@ -232,11 +261,15 @@ class VhostUserPort(Port):
         if not rx:
             self.counters.drop("link_down", len(frames), rx=False)
             return 0
+        oversize = 0
+        if max(map(len, frames)) > self._limit:
+            kept = self._drop_oversize(frames, rx=False)
+            oversize, frames = len(frames) - len(kept), kept
         if len(rx) == 1:
             groups: list[tuple[Vring, Sequence[Frame]]] = [(rx[0], frames)]
         else:
             groups = _spread(rx, frames)
-        taken = 0
+        taken = oversize
         for ring, group in groups:
             taken += self._fill(ring, group)
         return taken

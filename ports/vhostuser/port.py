@@ -35,7 +35,7 @@ from typing import Mapping
 
 from pyswitch.port import PortError, PortIO, Timer
 
-from .base import VhostUserPort
+from .base import COMMON_OPTIONS, VhostUserPort
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class VhostUserServerPort(VhostUserPort):
         "vhost-sock-owner": "user name or uid owning the socket",
         "vhost-sock-group": "group name or gid of the socket",
         "vhost-sock-mode": "octal permissions of the socket, e.g. 0660",
-        "n-rxq": "accepted for OVS compatibility; queues follow the front end",
+        **COMMON_OPTIONS,
     }
 
     def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
@@ -183,7 +183,7 @@ class VhostUserClientPort(VhostUserPort):
     role = "client"
     OPTIONS = {
         "vhost-server-path": "unix socket the front end (QEMU server=on, testpmd server=1) listens on",
-        "n-rxq": "accepted for OVS compatibility; queues follow the front end",
+        **COMMON_OPTIONS,
     }
 
     def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
