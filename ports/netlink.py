@@ -163,7 +163,8 @@ def ifindex(ipr: IPRoute, name: str) -> int | None:
 
 
 def link_info(ipr: IPRoute, name: str) -> dict[str, object]:
-    """``index``, ``mtu``, ``mac``, ``kind`` (None for plain devices), ``up``, ``link_type``."""
+    """``index``, ``mtu``, ``mac``, ``kind`` (None for plain devices), ``up``, ``link_type``,
+    ``alias`` (IFLA_IFALIAS, None when unset)."""
     with errors(f"reading interface {name!r}"):
         (msg,) = ipr.link("get", ifname=name)
     info = msg.get_attr("IFLA_LINKINFO")
@@ -174,6 +175,7 @@ def link_info(ipr: IPRoute, name: str) -> dict[str, object]:
         "kind": info.get_attr("IFLA_INFO_KIND") if info else None,
         "up": bool(msg["flags"] & 1),
         "link_type": msg["ifi_type"],  # ARPHRD_ETHER = 1
+        "alias": msg.get_attr("IFLA_IFALIAS"),
     }
 
 
@@ -203,10 +205,11 @@ def set_link(
     mtu: int | None = None,
     up: bool | None = None,
     arp: bool | None = None,
+    alias: str | None = None,
     netns: str | None = None,
 ) -> None:
-    """Change link ``name``: rename, MAC, MTU, ARP, admin state, or move to namespace ``netns``
-    (each given attribute in its own request, in that order, so errors name the step)."""
+    """Change link ``name``: rename, MAC, MTU, ARP, alias, admin state, or move to namespace
+    ``netns`` (each given attribute in its own request, in that order, so errors name the step)."""
     index = ifindex(ipr, name)
     if index is None:
         raise PortError(f"interface {name!r} does not exist")
@@ -219,6 +222,8 @@ def set_link(
         steps.append((f"setting MTU {mtu} on {name!r}", {"mtu": mtu}))
     if arp is not None:
         steps.append((f"setting ARP {'on' if arp else 'off'} on {name!r}", {"arp": arp}))
+    if alias is not None:
+        steps.append((f"setting the alias of {name!r}", {"ifalias": alias}))
     if up is not None:
         steps.append(
             (f"setting {name!r} {'up' if up else 'down'}", {"state": "up" if up else "down"})

@@ -21,6 +21,7 @@ See ``ports/README.md`` for the options.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,26 @@ def parse_options(name: str, options: Mapping[str, str]) -> VethConfig:
     return cfg
 
 
+def leftover_alias(port: str, pid: int | None = None) -> str:
+    """The interface alias that marks the switch end of a veth pyswitch created, with the
+    creating process's id."""
+    return f"pyswitch veth port {port} pid {os.getpid() if pid is None else pid}"
+
+
+def _left_by_dead_process(port: str, alias: object) -> bool:
+    """Whether ``alias`` marks a veth of ``port`` made by a process that no longer runs."""
+    head = f"pyswitch veth port {port} pid "
+    if not isinstance(alias, str) or not alias.startswith(head) or not alias[len(head):].isdigit():
+        return False
+    try:
+        os.kill(int(alias[len(head):]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False  # that pyswitch still runs: the interface is its
+
+
 class VethPort(Port):
     """A veth pair end (or any existing Ethernet device) as a switch port."""
 
@@ -150,6 +171,7 @@ class VethPort(Port):
         with nl.rtnl() as ipr:
             nl.create_veth(ipr, self.name, tmp)
             self._made_link = True
+            nl.set_link(ipr, self.name, alias=leftover_alias(self.name))
             for end in (self.name, tmp):
                 self._disable_offloads(end)
             nl.set_link(ipr, tmp, mac=cfg.peer_mac, mtu=cfg.mtu, netns=cfg.netns)
@@ -179,7 +201,7 @@ class VethPort(Port):
     def _check_names_free(self) -> None:
         cfg = self.config
         with nl.rtnl() as ipr:
-            if nl.ifindex(ipr, self.name) is not None:
+            if nl.ifindex(ipr, self.name) is not None and not self._reclaim(ipr):
                 raise PortError(
                     f"cannot create veth {self.name!r}: an interface of that name already exists"
                 )
@@ -191,6 +213,17 @@ class VethPort(Port):
                     raise PortError(
                         f"peer-name: {cfg.peer!r} already exists in namespace {cfg.netns!r}"
                     )
+
+    def _reclaim(self, ipr: Any) -> bool:
+        """Remove a veth this port made in a pyswitch process that did not stop cleanly
+        (killed, crashed): it carries our alias.  Any other interface is left alone."""
+        info = nl.link_info(ipr, self.name)
+        if info["kind"] != "veth" or not _left_by_dead_process(self.name, info["alias"]):
+            return False
+        log.warning("port %s: removing the veth left by a pyswitch that did not stop cleanly",
+                    self.name)
+        nl.delete_link(ipr, self.name)  # its peer goes with it, wherever it is
+        return True
 
     def _use_netns(self, ns: str) -> None:
         if ns in _created_netns:

@@ -392,3 +392,35 @@ def test_ping_and_iperf3_tcp_between_namespaces(open_port: Callable) -> None:
         f"\niperf3 TCP through the Python wire: {received['bits_per_second'] / 1e6:.0f} Mbit/s, "
         f"{wire.frames} frames forwarded, drops a={a.counters.drops} b={b.counters.drops}"
     )
+
+
+def test_only_leftovers_of_a_dead_pyswitch_are_reclaimed():
+    """At open, a veth carrying pyswitch's alias with the pid of a process that no longer
+    runs is a leftover (kill -9) and is replaced; one of a live process, or without the
+    alias, is someone's interface and the open fails."""
+    import secrets
+    import subprocess
+
+    from pyswitch.port import PortError
+    from pyswitch.ports.veth import VethPort, leftover_alias
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for alias, reclaimed in ((leftover_alias("X", dead.pid), True), (leftover_alias("X", 1), False),
+                             (None, False)):
+        name = "pstrc" + secrets.token_hex(2)
+        subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
+        if alias:
+            subprocess.run(["ip", "link", "set", name, "alias", alias.replace(" X ", f" {name} ")], check=True)
+        port = VethPort(name, {})
+        try:
+            if reclaimed:
+                port.open()
+                assert subprocess.run(["ip", "link", "show", name + "p"], capture_output=True).returncode != 0
+            else:
+                with pytest.raises(PortError, match="already exists"):
+                    port.open()
+                assert subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+        finally:
+            port.close()
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
