@@ -373,3 +373,18 @@ def test_mtu_drops_in_both_directions(server, fe, ram):
     taken = server.call(lambda: server.port.transmit([frame(3, 1600), frame(4, 100)]))
     assert taken == 2 and c.drops["mtu"] == 2 and c.tx_dropped == 1 and c.tx_packets == 1
     assert [f for f, _ in rxq.receive_frames()] == [frame(4, 100)]
+
+
+def test_polling_driver_without_call_fd(server, fe, ram):
+    """SET_VRING_CALL with the no-fd bit: the driver polls its used ring; the port must
+    deliver without ever signalling (and without failing on the missing fd)."""
+    fe.negotiate()
+    fe.set_mem_table(ram)
+    rxq = DriverQueue(ram, 64)
+    fe.setup_ring(0, rxq, call=False)
+    rxq.post_rx_buffers(8)
+    fe.kick(0)
+    assert wait_for(lambda: server.port.device.rings[0].started)
+    assert server.call(lambda: server.port.transmit([frame(1), frame(2)])) == 2
+    assert [f for f, _ in rxq.receive_frames()] == [frame(1), frame(2)]
+    assert server.port.vhost_stats["notifications_sent"] == 0

@@ -335,15 +335,18 @@ class Frontend:
         return self.request(p.Request.SET_MEM_TABLE, payload, ram.fds())
 
     def setup_ring(self, index: int, q: DriverQueue, base: int = 0, kick: bool = True,
-                   enable: bool = True) -> None:
+                   enable: bool = True, call: bool = True) -> None:
         """NUM, ADDR, BASE, CALL, KICK (eventfds kept in ``kicks``/``calls``), ENABLE."""
         self.request(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(index, q.size))
         a = q.addr(index)
         self.request(p.Request.SET_VRING_ADDR,
                      p.VRING_ADDR.pack(a.index, a.flags, a.desc, a.used, a.avail, a.log))
         self.request(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(index, base))
-        call = self.calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
-        self.request(p.Request.SET_VRING_CALL, p.U64.pack(index), [call])
+        if call:
+            cfd = self.calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
+            self.request(p.Request.SET_VRING_CALL, p.U64.pack(index), [cfd])
+        else:  # a polling driver: no call eventfd (bit 8)
+            self.request(p.Request.SET_VRING_CALL, p.U64.pack(index | p.VRING_NOFD_MASK))
         if kick:
             k = self.kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
             self.request(p.Request.SET_VRING_KICK, p.U64.pack(index), [k])
