@@ -1,0 +1,171 @@
+"""pyswitch's vhost-user ports against DPDK's own vhost back end, with testpmd as the guests.
+
+    sudo .venv/bin/python bench/vhost.py [--seconds 5] [--reps 3]
+
+One `dpdk-testpmd` with six `net_virtio_user` ports plays the VMs (`--forward-mode=io`: a
+frame received on one port of a pair is sent out of the other). Each pair of its ports
+is plugged into one back end, so that pair and the back end make a closed loop:
+- pyswitch flows: two `dpdkvhostuser` ports of one bridge with the rules
+  `in_port=P1 actions=output:P2` and the reverse;
+- pyswitch NORMAL: two `dpdkvhostuser` ports of another bridge, no rules (the
+  learning switch; testpmd's io mode keeps the source MAC, so the MAC moves between
+  the two ports with every frame, and the destination is unknown, so every frame floods
+  to the one other port);
+- DPDK vhost: a second testpmd with two `net_vhost` ports, `--forward-mode=io`.
+A measurement (`set portlist` picks the pair) drains the loop (`rxonly` for 0.5 s),
+then `set txpkts SIZE`, `start tx_first 8` (8 bursts of 32 frames from each port), waits
+1 s, and counts RX-packets of both ports over `--seconds`: the rate is both directions
+together, what the back end delivered. Sizes: 64 and 1518 bytes (testpmd's frame length,
+no FCS; pyswitch's ports get `mtu: 1504` so a 1518-byte frame is not dropped as too long).
+Runs are interleaved (rep, size, back end) and summarised as median (range).
+CPUs: pyswitch and the DPDK vhost testpmd's forwarding lcore on CPU 1; the virtio-user
+testpmd (main and forwarding lcore) on CPU 0. Only one back end forwards at a time.
+Everything is removed on exit, Ctrl-C or SIGTERM. Results: bench/out/vhost-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+from common import (Pyswitch, fmt, guard_signals, machine, need, save, si,  # noqa: E402
+                    summary, table, tag, tempdir)
+from tests.peers.testpmd import Testpmd  # noqa: E402  (the test suite's testpmd driver)
+
+SIZES = (64, 1518)
+BACKENDS = ("pyswitch flows", "pyswitch NORMAL", "DPDK vhost")
+SWITCH_CPU = 1
+
+
+def start_pyswitch(stack: ExitStack, t: str, sock_dir: Path) -> tuple[Pyswitch, list[Path]]:
+    """Two bridges of two dpdkvhostuser ports: one with port-to-port rules, one NORMAL."""
+    opts = {"vhost-sock-dir": str(sock_dir), "mtu": "1504"}
+    f1, f2, n1, n2 = f"{t}f1", f"{t}f2", f"{t}n1", f"{t}n2"
+    port = {"type": "dpdkvhostuser", "options": opts}
+    topo = {"bridges": {
+        f"{t}bf": {"ports": {f1: port, f2: port},
+                   "flows": [f"in_port={f1} actions=output:{f2}",
+                             f"in_port={f2} actions=output:{f1}"]},
+        f"{t}bn": {"ports": {n1: port, n2: port}},
+    }}
+    sw = Pyswitch(stack, topo, cpu=SWITCH_CPU).start()
+    return sw, [sock_dir / name for name in (f1, f2, n1, n2)]
+
+
+def start_dpdk_vhost(stack: ExitStack, sock_dir: Path) -> tuple[Testpmd, list[Path]]:
+    """testpmd with two net_vhost ports (it listens on both sockets), io forwarding."""
+    socks = [sock_dir / "vh1.sock", sock_dir / "vh2.sock"]
+    vdevs = [f"net_vhost{i},iface={s},queues=1" for i, s in enumerate(socks)]
+    pmd = Testpmd(vdevs, forward_mode="io", lcores=f"0@0,1@{SWITCH_CPU}", mem_mb=1024,
+                  mbufs=16384, cleanup_paths=tuple(socks))
+    return stack.enter_context(pmd), socks
+
+
+def start_guests(stack: ExitStack, socks: list[Path]) -> Testpmd:
+    """testpmd with one net_virtio_user port per socket, both lcores on CPU 0."""
+    vdevs = [f"net_virtio_user{i},path={s},queues=1,mac=02:00:00:00:01:{i + 1:02x}"
+             for i, s in enumerate(socks)]
+    pmd = Testpmd(vdevs, forward_mode="io", lcores="0@0,1@0", mem_mb=1024, mbufs=32768)
+    pmd = stack.enter_context(pmd)
+    summary_text = pmd.command("show port summary all")
+    for i in range(len(socks)):
+        if f"net_virtio_user{i}" not in summary_text:
+            raise RuntimeError(f"virtio-user port {i} missing:\n{summary_text}")
+    return pmd
+
+
+def loop_rate(guests: Testpmd, pair: tuple[int, int], size: int, seconds: float) -> dict:
+    """Drain, then run the io loop on `pair`; frames per second received by both ports."""
+    guests.command(f"set portlist {pair[0]},{pair[1]}")
+    guests.command("set fwd rxonly")
+    guests.command("start")
+    time.sleep(0.5)
+    guests.command("stop")
+    guests.command("set fwd io")
+    guests.command(f"set txpkts {size}")
+    guests.command("start tx_first 8")
+    try:
+        time.sleep(1.0)
+        a, t0 = guests.port_stats(), time.monotonic()
+        time.sleep(seconds)
+        b, t1 = guests.port_stats(), time.monotonic()
+    finally:
+        guests.command("stop")
+    rx = sum(b[p].rx_packets - a[p].rx_packets for p in pair)
+    tx = sum(b[p].tx_packets - a[p].tx_packets for p in pair)
+    return {"rx_pps": rx / (t1 - t0), "tx_pps": tx / (t1 - t0)}
+
+
+def measure(guests: Testpmd, vhost: Testpmd, args: argparse.Namespace) -> dict:
+    """{backend: {size: [run, ...]}}, interleaved by rep, size, back end."""
+    pairs = {"pyswitch flows": (0, 1), "pyswitch NORMAL": (2, 3), "DPDK vhost": (4, 5)}
+    raw: dict = {b: {s: [] for s in SIZES} for b in BACKENDS}
+    for rep in range(args.reps):
+        for size in SIZES:
+            for backend in BACKENDS:
+                if backend == "DPDK vhost":
+                    vhost.command("start")
+                try:
+                    r = loop_rate(guests, pairs[backend], size, args.seconds)
+                finally:
+                    if backend == "DPDK vhost":
+                        vhost.command("stop")
+                raw[backend][size].append(r)
+                print(f"  rep {rep + 1} {size:4d} B {backend}: {si(r['rx_pps'], 'pps')}",
+                      file=sys.stderr)
+    return raw
+
+
+def report(raw: dict, args: argparse.Namespace) -> tuple[str, dict]:
+    """The printed table and the JSON-able results."""
+    res: dict = {}
+    for backend, by_size in raw.items():
+        for size, runs in by_size.items():
+            res.setdefault(backend, {})[size] = {
+                "rx_pps": summary(r["rx_pps"] for r in runs),
+                "rx_bits": summary(r["rx_pps"] * size * 8 for r in runs)}
+    rows = []
+    for size in SIZES:
+        peer = res["DPDK vhost"][size]["rx_pps"]["median"]
+        for backend in BACKENDS:
+            r = res[backend][size]
+            rows.append([f"{size} B", backend, fmt(r["rx_pps"], "pps"), fmt(r["rx_bits"], "bit/s"),
+                         f"{r['rx_pps']['median'] / peer:.3f}" if peer else "n/a"])
+    head = (f"vhost-user: testpmd virtio-user io loop through each back end, {args.seconds:g} s x "
+            f"{args.reps} runs, both directions together, median (min-max); "
+            f"back ends on CPU {SWITCH_CPU}, testpmd guests on CPU 0")
+    header = ["frame", "back end", "rate", "bits/s (frame bytes)", "this/DPDK vhost"]
+    return head + "\n" + table(header, rows), res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time of one run")
+    p.add_argument("--reps", type=int, default=3, help="runs of each measurement")
+    args = p.parse_args()
+    need("dpdk-testpmd", "taskset", "stdbuf")
+    guard_signals()
+    started, info = time.monotonic(), machine()
+    with ExitStack() as stack:
+        t = tag()
+        sock_dir = tempdir(stack)
+        sw, sw_socks = start_pyswitch(stack, t, sock_dir)
+        vhost, vh_socks = start_dpdk_vhost(stack, sock_dir)
+        guests = start_guests(stack, sw_socks + vh_socks)
+        raw = measure(guests, vhost, args)
+        switch_stats = sw.port_stats()
+    text, res = report(raw, args)
+    print(text)
+    path = save("vhost", {"machine": info, "args": vars(args), "results": res, "raw": raw,
+                          "pyswitch_port_stats": switch_stats, "table": text,
+                          "elapsed_s": time.monotonic() - started})
+    print(f"({time.monotonic() - started:.0f} s; JSON: {path})")
+
+
+if __name__ == "__main__":
+    main()
