@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyswitch.ports.vhostuser.memory import BadAddress
 from pyswitch.ports.vhostuser.virtqueue import NET_HDR, BadChain, Virtqueue
 from tests.vhost_frontend import F_INDIRECT, F_NEXT, F_WRITE, DriverQueue, GuestRAM
 
@@ -268,8 +269,6 @@ def test_event_idx_asks_kick_at_next_avail(ram):
 
 def test_ring_outside_memory_is_refused(ram):
     mem = ram.mapped()
-    from pyswitch.ports.vhostuser.memory import BadAddress
-
     with pytest.raises(BadAddress):
         Virtqueue(mem, 256, 0x10, 0x9000_0000, 0x20000)
     with pytest.raises(ValueError):
@@ -315,3 +314,22 @@ def test_hostile_rings_never_raise(ram, descs, heads, indirect):
     # every head the receive side consumed went back once; the rest still wait
     assert vq.pending() + (vq.used_idx - len(got)) == len(heads)
     mem.close()
+
+
+def test_rings_without_event_fields_may_end_at_the_region_end():
+    """Without EVENT_IDX a driver may allocate 4 + 8N bytes of used ring (DPDK does):
+    a ring flush with the end of guest memory must be accepted."""
+    ram = GuestRAM([(0, 1 << 16)])
+    try:
+        mem = ram.mapped()
+        size = 16
+        used = (1 << 16) - (4 + 8 * size)
+        base = ram.regions[0].uva
+        vq = Virtqueue(mem, size, base, base + 0x1000, base + used)
+        assert vq.pending() == 0
+        with pytest.raises(BadAddress):
+            Virtqueue(mem, size, base, base + 0x1000, base + used, event_idx=True)
+        del vq
+        mem.close()
+    finally:
+        ram.close()

@@ -99,8 +99,10 @@ class Virtqueue:
         self.mem = mem
         self.size = size
         self.desc = mem.uva(desc, 16 * size)
-        self.avail = mem.uva(avail, 6 + 2 * size)
-        self.used = mem.uva(used, 6 + 8 * size)
+        # used_event / avail_event exist only with EVENT_IDX (DPDK allocates without them)
+        extra = 2 if event_idx else 0
+        self.avail = mem.uva(avail, 4 + 2 * size + extra)
+        self.used = mem.uva(used, 4 + 8 * size + extra)
         # Whole-word views (see the module docstring): avail16[1] = avail.idx,
         # avail16[2 + i] = avail.ring[i], avail16[2 + N] = used_event; used16[1] =
         # used.idx, used16[2 + 4N] = avail_event; used32[2i], used32[2i + 1] = ring[i].
