@@ -69,6 +69,13 @@ ALWAYS_REPLY = frozenset({
     p.Request.GET_QUEUE_NUM, p.Request.GET_CONFIG, p.Request.GET_INFLIGHT_FD,
     p.Request.GET_MAX_MEM_SLOTS, p.Request.GET_STATUS,
 })
+#: The requests this device implements; anything else is refused (logged, failure status).
+HANDLED = tuple(p.Request[name] for name in (
+    "GET_FEATURES", "SET_FEATURES", "SET_OWNER", "RESET_OWNER", "SET_MEM_TABLE",
+    "SET_VRING_NUM", "SET_VRING_ADDR", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_KICK",
+    "SET_VRING_CALL", "SET_VRING_ERR", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
+    "GET_QUEUE_NUM", "SET_VRING_ENABLE", "GET_MAX_MEM_SLOTS", "ADD_MEM_REG", "REM_MEM_REG",
+))
 #: Queue pairs we support (GET_QUEUE_NUM); vrings are 2 * this.
 MAX_QUEUE_PAIRS = 8
 
@@ -138,26 +145,9 @@ class Device:
         self.owner = False
         self.memory: GuestMemory | None = None
         self.rings = [Vring(i) for i in range(2 * max_queue_pairs)]
+        # Request X is handled by the method named x (SET_VRING_KICK -> set_vring_kick).
         self._handlers: dict[int, Callable[[p.Message], bytes | None]] = {
-            p.Request.GET_FEATURES: self.get_features,
-            p.Request.SET_FEATURES: self.set_features,
-            p.Request.SET_OWNER: self.set_owner,
-            p.Request.RESET_OWNER: self.reset_owner,
-            p.Request.SET_MEM_TABLE: self.set_mem_table,
-            p.Request.SET_VRING_NUM: self.set_vring_num,
-            p.Request.SET_VRING_ADDR: self.set_vring_addr,
-            p.Request.SET_VRING_BASE: self.set_vring_base,
-            p.Request.GET_VRING_BASE: self.get_vring_base,
-            p.Request.SET_VRING_KICK: self.set_vring_kick,
-            p.Request.SET_VRING_CALL: self.set_vring_call,
-            p.Request.SET_VRING_ERR: self.set_vring_err,
-            p.Request.GET_PROTOCOL_FEATURES: self.get_protocol_features,
-            p.Request.SET_PROTOCOL_FEATURES: self.set_protocol_features,
-            p.Request.GET_QUEUE_NUM: self.get_queue_num,
-            p.Request.SET_VRING_ENABLE: self.set_vring_enable,
-            p.Request.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
-            p.Request.ADD_MEM_REG: self.add_mem_reg,
-            p.Request.REM_MEM_REG: self.rem_mem_reg,
+            r: getattr(self, r.name.lower()) for r in HANDLED
         }
 
     # -- negotiated facts -------------------------------------------------------------
