@@ -388,3 +388,24 @@ def test_polling_driver_without_call_fd(server, fe, ram):
     assert server.call(lambda: server.port.transmit([frame(1), frame(2)])) == 2
     assert [f for f, _ in rxq.receive_frames()] == [frame(1), frame(2)]
     assert server.port.vhost_stats["notifications_sent"] == 0
+
+
+def test_front_end_stalled_mid_message_does_not_block_the_port(server, ram):
+    """Half a message and silence: the loop keeps serving (it never waits on a socket)."""
+    import time as _time
+
+    stalled = Frontend.connect(server.port.socket_path())
+    try:
+        stalled.sock.sendall(p.HEADER.pack(p.Request.SET_FEATURES, 1, 8) + b"\0\0")
+        _time.sleep(0.1)
+        t0 = _time.monotonic()
+        assert server.call(server.port.link_state) == "down"
+        assert _time.monotonic() - t0 < 0.5
+    finally:
+        stalled.close()
+    assert wait_for(lambda: server.port.conn is None)  # EOF mid-message: dropped
+    good = Frontend.connect(server.port.socket_path())
+    try:
+        bring_up(good, ram)
+    finally:
+        good.close()

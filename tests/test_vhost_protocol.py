@@ -126,3 +126,41 @@ def test_reply_encoding():
     req, flags, size = p.HEADER.unpack(data[:12])
     assert (req, flags, size) == (1, p.VERSION | p.FLAG_REPLY, 8)
     assert p.U64.unpack(data[12:]) == (7,)
+
+
+def test_reader_assembles_messages_from_pieces(pair):
+    """MessageReader on a non-blocking socket: a header and payload arriving in pieces,
+    a zero-length payload, and two messages in one segment; fds stay with their message."""
+    a, b = pair
+    b.setblocking(False)
+    reader = p.MessageReader()
+    r, w = os.pipe()
+    data = p.encode(p.Request.SET_VRING_KICK, p.U64.pack(1))
+    socket.send_fds(a, [data[:5]], [r])
+    assert reader.read(b) == []
+    a.sendall(data[5:14])
+    assert reader.read(b) == []
+    a.sendall(data[14:] + p.encode(p.Request.SET_OWNER) + p.encode(p.Request.GET_FEATURES))
+    msgs = reader.read(b)
+    assert [m.request for m in msgs] == [p.Request.SET_VRING_KICK, p.Request.SET_OWNER,
+                                        p.Request.GET_FEATURES]
+    assert msgs[0].payload == p.U64.pack(1) and len(msgs[0].fds) == 1 and not msgs[1].fds
+    msgs[0].close_fds()
+    os.close(r)
+    os.close(w)
+    a.sendall(data[:7])
+    assert reader.read(b) == []
+    a.close()
+    with pytest.raises(p.PartialMessage):
+        reader.read(b)
+
+
+def test_reader_eof_and_bad_header(pair):
+    a, b = pair
+    b.setblocking(False)
+    a.sendall(p.HEADER.pack(1, 2, 0))
+    with pytest.raises(p.InvalidMessage):
+        p.MessageReader().read(b)
+    a.close()
+    with pytest.raises(p.Disconnected):
+        p.MessageReader().read(b)

@@ -25,8 +25,6 @@ from .device import Device, FatalDeviceError, Vring
 
 log = logging.getLogger(__name__)
 
-#: How long a front end may stall in the middle of one message before we drop it.
-MESSAGE_TIMEOUT = 1.0
 #: Period of the poll timer for rings whose front end sends no kick fd.
 POLL_INTERVAL = 0.001
 #: Default MTU (as OVS: a larger guest MTU needs the ``mtu`` option too).
@@ -50,6 +48,7 @@ class VhostUserPort(Port):
         self._limit = self.mtu + 14  # + 4 for a tagged frame
         self.io: PortIO | None = None
         self.conn: socket.socket | None = None
+        self._reader = p.MessageReader()
         self.device = Device(before_close_kick=self._unwatch_kick)
         self._kick_watch: dict[int, int] = {}  # kick fd -> vring index
         self._pending: list[tuple[Vring, list[int]]] = []  # TX heads awaiting release()
@@ -74,8 +73,9 @@ class VhostUserPort(Port):
     # -- connection ---------------------------------------------------------------------
     def _connected(self, sock: socket.socket) -> None:
         assert self.io is not None
-        sock.settimeout(MESSAGE_TIMEOUT)
+        sock.setblocking(False)  # messages are assembled as they arrive (MessageReader)
         self.conn = sock
+        self._reader = p.MessageReader()
         stats = self.vhost_stats
         stats["reconnects"] += 1 if stats["connections"] else 0
         stats["connections"] += 1
@@ -92,6 +92,7 @@ class VhostUserPort(Port):
         self.io.unwatch(self.conn.fileno())
         self.conn.close()
         self.conn = None
+        self._reader.close()
         self.device.reset()  # unwatches kick fds through _unwatch_kick
         self._refresh()
         self.vhost_stats["disconnects"] += 1
@@ -101,24 +102,28 @@ class VhostUserPort(Port):
         """Role-specific: wait for the next front end (server) or reconnect (client)."""
 
     def _on_control(self) -> None:
-        """The control socket is readable: handle one message."""
+        """The control socket is readable: handle the messages completed by now."""
         if self.conn is None:
             return
         try:
-            msg = p.read_message(self.conn)
+            messages = self._reader.read(self.conn)
         except p.ProtocolError as exc:
             self._disconnect(str(exc))
             return
-        log.debug("%s: %s", self.name, msg.name())
-        self._return_pending()  # a message may stop rings or replace memory
-        try:
-            reply = self.device.handle(msg)
-            if reply is not None:
-                p.send_message(self.conn, reply)
-        except (FatalDeviceError, p.Disconnected) as exc:
-            self._disconnect(str(exc))
-            return
-        self._refresh()
+        for i, msg in enumerate(messages):
+            log.debug("%s: %s", self.name, msg.name())
+            self._return_pending()  # a message may stop rings or replace memory
+            try:
+                reply = self.device.handle(msg)
+                if reply is not None:
+                    p.send_message(self.conn, reply)
+            except (FatalDeviceError, p.Disconnected) as exc:
+                for later in messages[i + 1 :]:
+                    later.close_fds()
+                self._disconnect(str(exc))
+                return
+        if messages:
+            self._refresh()
 
     def _refresh(self) -> None:
         """Re-derive watched kick fds, ring lists and the poll timer from the device."""

@@ -345,6 +345,74 @@ def read_message(sock: socket.socket) -> Message:
     return msg
 
 
+class MessageReader:
+    """Reads messages from a non-blocking socket as bytes arrive, never waiting.
+
+    The event loop calls :meth:`read` whenever the socket is readable; it returns the
+    messages completed so far (usually one).  A front end that stalls in the middle
+    of a message only holds up its own connection.  The header is read on its own
+    (12 bytes) so the fds sent with a message are attached to that message.
+    Raises :class:`Disconnected` on EOF at a message boundary, :class:`PartialMessage`
+    on EOF inside one, :class:`InvalidMessage` for a bad header (fds closed).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._size = -1  # payload size once the header is complete
+        self._header = (0, 0)  # request, flags of the message being read
+
+    def close(self) -> None:
+        """Close fds of an incomplete message."""
+        _close_all(self._fds)
+        self._fds = []
+
+    def read(self, sock: socket.socket) -> list[Message]:
+        out: list[Message] = []
+        while True:
+            want = HEADER.size - len(self._buf) if self._size < 0 else self._size - len(self._buf)
+            try:
+                if self._size < 0:
+                    data, fds, _flags, _addr = socket.recv_fds(sock, want, MAX_FDS)
+                    self._fds.extend(fds)
+                else:
+                    data = sock.recv(want) if want else b""
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as exc:
+                self.close()
+                raise Disconnected(f"socket error: {exc}") from exc
+            if not data and want:
+                partial = bool(self._buf) or self._size >= 0
+                self.close()
+                if partial:
+                    raise PartialMessage("peer closed in the middle of a message")
+                raise Disconnected("peer closed the connection")
+            self._buf += data
+            msg = self._complete()
+            if msg is not None:
+                out.append(msg)
+
+    def _complete(self) -> Message | None:
+        if self._size < 0:
+            if len(self._buf) < HEADER.size:
+                return None
+            request, flags, size = HEADER.unpack(self._buf)
+            if flags & VERSION_MASK != VERSION or size > MAX_PAYLOAD:
+                self.close()
+                name = Message(request, flags, b"").name()
+                raise InvalidMessage(f"{name}: bad version {flags & VERSION_MASK} or size {size}")
+            self._size, self._header = size, (request, flags)
+            self._buf.clear()
+        if len(self._buf) < self._size:
+            return None
+        request, flags = self._header
+        msg = Message(request, flags, bytes(self._buf), self._fds)
+        self._buf.clear()
+        self._fds, self._size = [], -1
+        return msg
+
+
 def send_message(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
     """Send one encoded message (with ``fds`` as SCM_RIGHTS).  Raises Disconnected."""
     try:
