@@ -182,13 +182,13 @@ def test_out_of_order_setup(server, fe, ram):
     fe.request(R.SET_VRING_KICK, p.U64.pack(1), [k])
     a = txq.addr(1)
     fe.request(R.SET_VRING_ADDR, p.VRING_ADDR.pack(1, 0, a.desc, a.used, a.avail, 0))
-    fe.kick(1)  # a kick with no memory yet: logged, ring stays stopped
-    fe.request(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 64))
-    assert not server.port.device.rings[1].started
-    fe.set_mem_table(ram)
-    fe.request(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
     txq.send_frame(frame(9))
-    fe.kick(1)
+    fe.kick(1)  # a kick with no memory yet: remembered, ring stays stopped
+    fe.request(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 64))
+    assert wait_for(lambda: server.port.vhost_stats["kicks"] == 1)
+    assert not server.port.device.rings[1].started
+    fe.request(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))
+    fe.set_mem_table(ram)  # now complete: the remembered kick starts the ring
     assert wait_for(lambda: server.sink == [frame(9)])
 
 

@@ -100,6 +100,7 @@ class Vring:
     call_fd: int | None = None
     err_fd: int | None = None
     polled: bool = False  # SET_VRING_KICK with the no-fd flag: no kicks, poll instead
+    kicked: bool = False  # kicked while not yet startable: start once it is set up
     started: bool = False
     enabled: bool = False
     queue: Virtqueue | None = None
@@ -191,6 +192,7 @@ class Device:
             return None
         finally:
             msg.close_fds()
+        self._start_kicked()
         if reply is None and ack:
             return p.encode_u64_reply(msg.request, 0)
         return reply
@@ -332,7 +334,7 @@ class Device:
         """Stop ``ring`` (keeping its avail index as base) and close its kick fd."""
         if ring.queue is not None:
             ring.base = ring.queue.last_avail_idx
-        ring.queue, ring.started, ring.polled = None, False, False
+        ring.queue, ring.started, ring.polled, ring.kicked = None, False, False, False
         self._close_kick(ring)
 
     def set_vring_kick(self, msg: p.Message) -> None:
@@ -398,11 +400,23 @@ class Device:
 
     # -- start / kick -----------------------------------------------------------------
     def kick(self, index: int) -> Vring:
-        """The kick eventfd of ring ``index`` fired: start the ring if it is stopped."""
+        """The kick eventfd of ring ``index`` fired: start the ring if it is stopped.
+
+        A kick that comes before the ring is fully set up (memory, size, addresses)
+        is remembered, and the ring starts as soon as a later message completes it.
+        """
         ring = self.rings[index]
         if not ring.started:
-            self.start_ring(ring)
+            ring.kicked = not self.start_ring(ring)
         return ring
+
+    def _start_kicked(self) -> None:
+        for ring in self.rings:
+            if ring.kicked and not ring.started and self._startable(ring):
+                ring.kicked = not self.start_ring(ring)
+
+    def _startable(self, ring: Vring) -> bool:
+        return self.memory is not None and ring.addr is not None and ring.num != 0
 
     def start_ring(self, ring: Vring) -> bool:
         """Start ``ring`` if it is fully set up; log and return False if not."""
