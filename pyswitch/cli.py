@@ -388,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     segments = _split_chain(list(sys.argv[1:] if argv is None else argv)) or [[]]
     args = _parse(parser, segments[0])
     setup_logging(args.log_level)
+    if args.rundir is not None:  # port types (vhost-user sockets) read it from the environment
+        os.environ["PYSWITCH_RUNDIR"] = str(args.rundir)
     args.rundir = args.rundir or default_rundir()
     try:
         if args.verb in MUTATING or len(segments) > 1:
