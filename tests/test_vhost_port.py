@@ -409,3 +409,37 @@ def test_front_end_stalled_mid_message_does_not_block_the_port(server, ram):
         bring_up(good, ram)
     finally:
         good.close()
+
+
+def test_release_asks_again_for_a_transmitq_the_batch_did_not_reach(server, fe, ram):
+    """Two transmitqs kicked once each; the first batch (32) is all from ring 1.  The
+    kick of ring 3 is already consumed, so release() itself must ask to be serviced
+    again, or ring 3's frames wait forever (seen with testpmd, 2 queue pairs)."""
+    import time as _time
+
+    queues = bring_up(fe, ram, pairs=2, size=128)
+    asked: list[int] = []
+    server.loop.on_ready = lambda: asked.append(1)  # the test drives receive itself
+    for k in range(32):
+        queues[0][1].send_frame(frame(k, 60))
+    for k in range(5):
+        queues[1][1].send_frame(frame(k, 61))
+    fe.kick(1)
+    fe.kick(3)
+    port = server.port
+    assert wait_for(lambda: port.device.rings[1].started and port.device.rings[3].started)
+
+    def drain_once() -> int:
+        n = len(port.receive(32))
+        port.release()
+        return n
+
+    got = 0
+    for _ in range(10):
+        _time.sleep(0.05)
+        asked.clear()
+        got += server.call(drain_once)
+        _time.sleep(0.05)  # the loop runs on_ready if release() said rx_ready
+        if not asked:
+            break
+    assert got == 37

@@ -43,7 +43,7 @@ def server(tmp_path):
 def settle(h: PortHarness, pmd: Testpmd, what: str = "tx_packets", timeout: float = 10) -> int:
     """After ``stop``: wait until our receive count equals testpmd's count; return it."""
     sent = getattr(pmd.port_stats()[0], what)
-    wait_for(lambda: h.received >= sent, timeout)
+    assert wait_for(lambda: h.received >= sent, timeout), f"received {h.received} of {sent}"
     return sent
 
 

@@ -233,22 +233,28 @@ class VhostUserPort(Port):
         self._refresh()
 
     def release(self) -> None:
-        """Give the last batch's buffers back: used entries, one call per ring."""
-        more = self._return_pending()
-        if more and self.io is not None:
-            self.io.rx_ready()
+        """Give the last batch's buffers back: used entries, one call per ring.
 
-    def _return_pending(self) -> bool:
-        """Put pending TX heads on the used rings; True if more frames wait."""
-        more = False
+        Then, if any transmitq still holds frames (the batch limit stopped us, or a
+        ring the round robin did not reach), ask to be serviced again: their kicks
+        were already consumed, and with EVENT_IDX the guest may not kick again.
+        """
+        self._return_pending()
+        if self.io is not None:
+            for ring in self._tx:
+                q = ring.queue
+                if q is not None and q.pending():
+                    self.io.rx_ready()
+                    break
+
+    def _return_pending(self) -> None:
+        """Put pending TX heads on the used rings (one used.idx update and call each)."""
         for ring, heads in self._pending:
             q = ring.queue
             if q is None:  # stopped meanwhile: nothing to return to
                 continue
             self._notify(ring, q.put_used([(h, 0) for h in heads]))
-            more = more or q.pending() > 0
         self._pending.clear()
-        return more
 
     def _notify(self, ring: Vring, wanted: bool) -> None:
         if wanted and ring.call():
