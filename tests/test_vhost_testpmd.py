@@ -40,10 +40,12 @@ def server(tmp_path):
     h.close()
 
 
-def settle(h: PortHarness, pmd: Testpmd, what: str = "tx_packets", timeout: float = 10) -> int:
-    """After ``stop``: wait until our receive count equals testpmd's count; return it."""
-    sent = getattr(pmd.port_stats()[0], what)
-    assert wait_for(lambda: h.received >= sent, timeout), f"received {h.received} of {sent}"
+def settle(h: PortHarness, pmd: Testpmd, before: int = 0, timeout: float = 10) -> int:
+    """After ``stop``: wait until we received all that this testpmd sent (``before`` =
+    our count when it started); return its count."""
+    sent = pmd.port_stats()[0].tx_packets
+    assert wait_for(lambda: h.received - before >= sent, timeout), \
+        f"received {h.received - before} of {sent}"
     return sent
 
 
@@ -96,11 +98,12 @@ def test_server_port_serves_testpmd_again_after_it_quits(server):
     total = 0
     for _ in range(2):
         with Testpmd([vdev(path)], forward_mode="txonly") as pmd:
+            before = server.received
             pmd.command("start")
             assert up(server), pmd.output()[-2000:]
             time.sleep(1)
             pmd.command("stop")
-            total += settle(server, pmd)
+            total += settle(server, pmd, before)
         assert wait_for(lambda: server.call(server.port.link_state) == "down", 10)
     assert server.port.counters.rx_packets == total  # counters survive the reconnect
     assert server.port.vhost_stats["reconnects"] == 1
@@ -117,11 +120,12 @@ def test_client_port_reconnects_to_restarted_testpmd(tmp_path):
         for round_ in range(2):
             with Testpmd([vdev(path, server=True)], forward_mode="txonly",
                          cleanup_paths=(tmp_path / "pmd.sock",)) as pmd:
+                before = h.received
                 pmd.command("start")
                 assert up(h), pmd.output()[-2000:]
                 time.sleep(1)
                 pmd.command("stop")
-                total += settle(h, pmd)
+                total += settle(h, pmd, before)
             assert wait_for(lambda: h.port.conn is None, 10)
         assert h.port.counters.rx_packets == total > 0
         assert h.port.vhost_stats["reconnects"] == 1
