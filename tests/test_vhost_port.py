@@ -443,3 +443,31 @@ def test_release_asks_again_for_a_transmitq_the_batch_did_not_reach(server, fe, 
         if not asked:
             break
     assert got == 37
+
+
+def test_reconnects_leak_no_file_descriptors(server):
+    """Ten front ends in a row, each sharing memory and eventfds: after each goes away the
+    port holds exactly the descriptors it held before (no kick, call, memory or socket fd)."""
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def guest_maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("pst-guest" in line for line in f)
+
+    baseline = count()
+    for _ in range(10):
+        ram = GuestRAM([(0, 1 << 20), (0x4000_0000, 1 << 20)])
+        fe = Frontend.connect(server.port.socket_path())
+        try:
+            bring_up(fe, ram, pairs=2, size=64)
+            fe.kick(0)
+            fe.kick(1)
+            assert wait_for(lambda: server.port.device.rings[1].started)
+        finally:
+            fe.close()
+            ram.close()
+        assert wait_for(lambda: server.port.conn is None)
+        assert wait_for(lambda: count() == baseline, 2), (count(), baseline)
+        assert wait_for(lambda: guest_maps() == 0, 2), "guest memory still mapped"
+    assert server.port.vhost_stats["connections"] == 10
