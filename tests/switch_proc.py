@@ -110,6 +110,8 @@ def prefix() -> str:
 @pytest.fixture
 def pyswitch_up(tmp_path, prefix):
     """Start ``pyswitch up`` on a topology text; stopped and cleaned up after the test."""
+    if os.geteuid() != 0:  # say so instead of failing obscurely
+        pytest.fail("end-to-end tests need root (network namespaces, veth, TAP)")
     started: list[SwitchProcess] = []
 
     def start(topology: str) -> SwitchProcess:
@@ -125,7 +127,3 @@ def pyswitch_up(tmp_path, prefix):
     for name in leftovers(prefix):  # a safety net: the switch should have removed them
         run("ip", "netns", "del", name, check=False)
         run("ip", "link", "del", name, check=False)
-
-
-if os.geteuid() != 0:  # these tests need namespaces: say so instead of failing obscurely
-    raise RuntimeError("end-to-end tests need root (network namespaces, veth, TAP)")

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from tests.daemon_proc import DaemonProcess, daemon, open_rundir  # noqa: F401
-from tests.switch_proc import ROOT, leftovers, prefix  # noqa: F401
+from tests.daemon_proc import DaemonProcess
+from tests.switch_proc import ROOT, leftovers
 from tests.test_e2e_namespaces import ping
 
 

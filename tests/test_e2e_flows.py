@@ -9,7 +9,7 @@ import time
 import yaml
 from scapy.layers.l2 import Dot1Q, Ether
 
-from tests.switch_proc import ns_exec, prefix, pyswitch_up  # noqa: F401
+from tests.switch_proc import ns_exec
 from tests.test_e2e_namespaces import ETYPE, Sniffer, _three_hosts, host, mac_of, ping, send
 
 

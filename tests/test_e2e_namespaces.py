@@ -17,7 +17,7 @@ import time
 import pytest
 from scapy.layers.l2 import Dot1Q, Ether
 
-from tests.switch_proc import leftovers, ns_exec, ns_python, pyswitch_up, prefix  # noqa: F401
+from tests.switch_proc import leftovers, ns_exec, ns_python
 
 ETYPE = 0x88B5  # IEEE 802 local experimental: no kernel stack reacts to it
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.qemu import ping_pair, start_guest
-from tests.switch_proc import SwitchProcess, pyswitch_up, prefix  # noqa: F401
+from tests.switch_proc import SwitchProcess
 
 pytestmark = pytest.mark.timeout(240)
 
