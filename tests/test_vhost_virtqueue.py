@@ -333,3 +333,44 @@ def test_rings_without_event_fields_may_end_at_the_region_end():
         mem.close()
     finally:
         ram.close()
+
+
+def test_used_idx_is_published_in_one_store():
+    """A driver polls used.idx from another process while the device publishes batch
+    after batch: every value it reads must be one the device published (never 0 or a
+    half-written index, which made DPDK free descriptors it never sent)."""
+    import os
+    import time
+
+    ram = GuestRAM([(0, 1 << 20)])
+    try:
+        dq = DriverQueue(ram, 256)
+        pid = os.fork()
+        if pid == 0:  # the device: publish used.idx 1, 2, 3 ... for a second
+            try:
+                mem = ram.mapped()
+                a = dq.addr(0)
+                vq = Virtqueue(mem, 256, a.desc, a.avail, a.used)
+                vq.used_idx = 0x00FF  # cross byte boundaries early and often
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    for _ in range(1000):
+                        vq.put_used([(0, 0)])
+            finally:
+                os._exit(0)
+        r, off = ram._locate(dq.used + 2, 2)
+        view = memoryview(r.map)[off : off + 2].cast("H")
+        prev, backwards, reads = view[0], 0, 0
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                cur = view[0]
+                if (cur - prev) & 0xFFFF >= 0x8000:  # went backwards: torn or zeroed
+                    backwards += 1
+                prev = cur
+                reads += 1
+        os.waitpid(pid, 0)
+        view.release()
+        assert reads > 10000 and backwards == 0, (reads, backwards)
+    finally:
+        ram.close()

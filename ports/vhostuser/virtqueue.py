@@ -23,9 +23,10 @@ Safety rules, because guest memory is hostile:
   per batch, after the elements (x86 keeps store order; see ``vhost-user-notes``);
 * the ring indexes shared with the driver (``avail.idx``, ``used.idx``, the event
   indexes) are read and written as whole 16-bit words through ``memoryview.cast``
-  views.  ``struct.pack_into("<H")`` stores a u16 one byte at a time: a driver
-  polling ``used.idx`` (DPDK virtio-user) then sees a torn value such as 0x0100 ->
-  0x0000 -> 0x0200, frees descriptors it never sent and crashes.
+  views.  ``struct.pack_into`` is not one store: it zero-fills the field, then
+  writes it (a reader in another process was seen to get 0x0 and 0x100 while
+  0x101 was stored over 0x101).  DPDK virtio-user, polling ``used.idx``, read
+  such a value, freed descriptors it never sent and crashed.
 """
 
 from __future__ import annotations
