@@ -3,7 +3,8 @@
 A vhost-user port is the virtio-net device of one guest (QEMU) or one DPDK
 virtio-user front end.  It composes the three layers -- :mod:`.protocol` (messages
 on the unix socket), :mod:`.device` (the state machine, guest memory) and
-:mod:`.virtqueue` (split rings) -- with a socket role:
+:mod:`.virtqueue` (split rings) -- in :class:`.base.VhostUserPort`, shared by both
+roles; this module adds the socket role:
 
 * ``dpdkvhostuser``: listens on ``<vhost-sock-dir>/<port name>`` and serves one
   front end at a time; on disconnect it tears down rings and memory and waits for
