@@ -41,6 +41,13 @@ from .base import COMMON_OPTIONS, VhostUserPort
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCK_DIR = "/run/pyswitch"
+
+
+def sock_dir(options: Mapping[str, str]) -> str:
+    """The socket directory: option ``vhost-sock-dir``, else the switch's run directory
+    (``$PYSWITCH_RUNDIR``, as OVS's vhost-sock-dir is relative to its run directory), else
+    /run/pyswitch."""
+    return options.get("vhost-sock-dir") or os.environ.get("PYSWITCH_RUNDIR") or DEFAULT_SOCK_DIR
 #: Client reconnect backoff: first delay, factor, ceiling (seconds).
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 
@@ -54,7 +61,7 @@ class VhostUserServerPort(VhostUserPort):
     type_name = "dpdkvhostuser"
     role = "server"
     OPTIONS = {
-        "vhost-sock-dir": f"directory of the socket (default {DEFAULT_SOCK_DIR})",
+        "vhost-sock-dir": f"directory of the socket (default $PYSWITCH_RUNDIR, else {DEFAULT_SOCK_DIR})",
         "vhost-sock-owner": "user name or uid owning the socket",
         "vhost-sock-group": "group name or gid of the socket",
         "vhost-sock-mode": "octal permissions of the socket, e.g. 0660",
@@ -70,7 +77,7 @@ class VhostUserServerPort(VhostUserPort):
         super().validate_options(name, options)
         if not name or "/" in name or "\\" in name or ".." in name:
             raise PortError(f"port name {name!r}: a vhost-user socket name may not contain / \\ or ..")
-        path = os.path.join(options.get("vhost-sock-dir", DEFAULT_SOCK_DIR), name)
+        path = os.path.join(sock_dir(options), name)
         if len(os.fsencode(path)) >= 108:
             raise PortError(f"socket path {path} is too long for a unix socket (max 107 bytes)")
         _owner_ids(options)
@@ -78,7 +85,7 @@ class VhostUserServerPort(VhostUserPort):
             _parse_mode(options["vhost-sock-mode"])
 
     def socket_path(self) -> str:
-        return os.path.join(self.options.get("vhost-sock-dir", DEFAULT_SOCK_DIR), self.name)
+        return os.path.join(sock_dir(self.options), self.name)
 
     def open(self) -> None:
         """Create the socket directory and listen; refuse a socket someone serves."""
