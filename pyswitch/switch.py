@@ -18,11 +18,13 @@ from .bridge import Bridge
 from .config import BridgeConfig, PortConfig, SwitchConfig
 from .flows import FlowEntry
 from .loop import EventLoop, TimerHandle
-from .port import MAX_BURST, Port, PortError, port_type
+from .port import MAX_BURST, Port, PortCounters, PortError, port_type
 from .vlan import PortVlan
 
 log = logging.getLogger(__name__)
 
+#: Most deleted ports whose counters are kept for a re-add of the same name.
+MAX_RETIRED = 4096
 #: How often MAC tables are swept for aged entries (lookups also expire lazily).
 AGING_SWEEP_INTERVAL = 1.0
 
@@ -76,6 +78,8 @@ class Switch:
         self._aging = self.loop.call_every(AGING_SWEEP_INTERVAL, self._age)
         #: called with (bridge name, expired FlowEntry list) when rules time out
         self.on_flows_expired: Callable[[str, list[FlowEntry]], None] | None = None
+        #: counters of deleted ports by name, continued if a port of that name comes back
+        self._retired: dict[str, PortCounters] = {}
         #: batch_sizes[n] = how many received batches held n frames (n <= MAX_BURST)
         self.batch_sizes = [0] * (MAX_BURST + 1)
 
@@ -123,6 +127,9 @@ class Switch:
             raise PortError(f"port {pcfg.name} already exists")
         br = self.bridges[bridge]
         port = port_type(pcfg.type)(pcfg.name, pcfg.options)
+        retired = self._retired.pop(pcfg.name, None)
+        if retired is not None:  # a port's counters belong to its name: they never go back
+            port.counters = retired
         port.open()
         try:
             port.attach(_PortIO(self.loop, port))
@@ -148,6 +155,9 @@ class Switch:
         att.bridge.remove_port(att.no)
         del self._outputs[att.bridge.name][att.no]
         att.port.close()
+        self._retired[name] = att.port.counters
+        while len(self._retired) > MAX_RETIRED:
+            self._retired.pop(next(iter(self._retired)))
         log.info("bridge %s: deleted port %s", att.bridge.name, name)
 
     def set_port_vlan(self, name: str, vlan: PortVlan) -> None:

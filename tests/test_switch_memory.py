@@ -69,3 +69,20 @@ def test_port_add_and_delete_live(sw):
     assert "m2" not in sw.port_names("br0") and sw.port_number("m4") == 5
     sw.add_port("br0", PortConfig("m5", "memory"))
     assert sw.port_number("m5") == 2  # the lowest free number, m2's
+
+
+def test_counters_continue_when_a_port_is_deleted_and_added_again(sw):
+    """A port's counters belong to its name: a re-add never makes them go backwards
+    (Prometheus counters stay monotonic); a new name starts from zero."""
+    from pyswitch.config import PortConfig
+
+    sw.port("m1").inject([frame(BCAST, mac(1))] * 3)
+    pump(sw)
+    assert sw.port("m1").counters.rx_packets == 3
+    sw.del_port("m1")
+    sw.add_port("br0", PortConfig("m1", "memory"))
+    sw.port("m1").inject([frame(BCAST, mac(1))])
+    pump(sw)
+    assert sw.port("m1").counters.rx_packets == 4
+    sw.add_port("br0", PortConfig("m9", "memory"))
+    assert sw.port("m9").counters.rx_packets == 0
