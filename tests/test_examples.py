@@ -81,3 +81,32 @@ def test_systemd_unit_verifies_and_its_command_runs(tmp_path):
         proc.terminate()
         proc.wait(15)
     assert proc.returncode == 0
+
+
+def test_flow_steering_example(example):
+    """Web traffic from the client is copied to the monitor; DNS is dropped and counted."""
+    import json
+    import sys
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    sw = example("flow-steering.yaml")
+    assert ping("ex-client", "10.81.0.2")  # the default rule: a learning switch
+
+    def sniff(ns: str) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.nsprobe", "sniff", "eth0",
+                              "2", "--ethertype", "0x0800"], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    monitor, server = sniff("ex-monitor"), sniff("ex-server")
+    script = "exec 3<>/dev/tcp/10.81.0.2/80; exec 3<>/dev/udp/10.81.0.2/53; echo q >&3"
+    subprocess.run(["ip", "netns", "exec", "ex-client", "bash", "-c", script], capture_output=True, timeout=20)
+    seen_m = [Ether(bytes.fromhex(h)) for h in monitor.communicate(timeout=20)[0].split()]
+    seen_s = [Ether(bytes.fromhex(h)) for h in server.communicate(timeout=20)[0].split()]
+    assert any(TCP in f and f[TCP].dport == 80 and f[IP].src == "10.81.0.1" for f in seen_m)
+    assert any(TCP in f and f[TCP].dport == 80 for f in seen_s)  # the server got it too
+    assert not any(UDP in f and f[UDP].dport == 53 for f in seen_s + seen_m)
+    stats = json.loads(sw.cli("port-stats", "--json").stdout)
+    assert stats["ex-client"]["drops"]["flow"] >= 1
