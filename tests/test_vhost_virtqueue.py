@@ -70,6 +70,7 @@ def test_frame_in_second_region(ram):
     [
         "loop", "self_loop", "bad_next", "bad_addr", "wrapping_addr", "nested_indirect",
         "indirect_with_next", "indirect_bad_len", "writable_in_tx", "short_header", "indirect_loop",
+        "indirect_longer_than_queue",
     ],
 )
 def test_bad_chains_are_dropped_counted_and_returned(ram, build):
@@ -106,6 +107,13 @@ def test_bad_chains_are_dropped_counted_and_returned(ram, build):
         w(h, buf, 200, F_WRITE)
     elif build == "short_header":
         w(h, buf, 8, 0)
+    elif build == "indirect_longer_than_queue":
+        # a chain may not be longer than the queue (2.7.5.3.1; DPDK refuses len/16 > N):
+        # 64 small pieces through an indirect table, on a queue of 8
+        table = ram.alloc(16 * 64)
+        for k in range(64):
+            w(k, buf + 2 * k, 2, F_NEXT if k < 63 else 0, k + 1, table=table)
+        w(h, table, 16 * 64, F_INDIRECT)
     dq.make_available([h])
     good = dq.send_frame(FRAME)  # a good chain after the bad one is still served
     frames, heads, bad = pop(vq)

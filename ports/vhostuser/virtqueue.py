@@ -172,8 +172,10 @@ class Virtqueue:
                 if flags & VIRTQ_DESC_F_INDIRECT:
                     if indirect or flags & VIRTQ_DESC_F_NEXT:
                         raise BadChain("nested INDIRECT, or INDIRECT with NEXT")
-                    if length == 0 or length % 16:
-                        raise BadChain(f"indirect table of {length} bytes")
+                    # at most N entries: a chain is never longer than the queue
+                    # (2.7.5.3.1), so a bigger table only buys a hostile guest CPU time
+                    if length == 0 or length % 16 or length > 16 * self.size:
+                        raise BadChain(f"indirect table of {length} bytes (queue of {self.size})")
                     table, table_n = mem.gpa(addr, length), length // 16
                     ttl, indirect, idx = table_n, True, 0
                     continue
