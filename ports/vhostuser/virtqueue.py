@@ -365,8 +365,18 @@ class RxResult:
     notify: bool = False
 
 
+#: Longest frame a chain may carry: no offloads are offered, so a frame is at most the
+#: largest port MTU (65535) plus an Ethernet header and one tag.  Checked before a
+#: multi-buffer frame is copied (the buffers may all point at the same guest memory).
+MAX_TX_FRAME = 65535 + 18
+
+
 def _strip_header(segs: list[memoryview], hdr_len: int) -> memoryview | bytes:
-    """The frame after the virtio-net header, whatever the split of the buffers."""
+    """The frame after the virtio-net header, whatever the split of the buffers.
+
+    :class:`BadChain` if the chain holds no frame or one longer than ``MAX_TX_FRAME``."""
+    if sum(map(len, segs)) - hdr_len > MAX_TX_FRAME:
+        raise BadChain(f"chain of more than {MAX_TX_FRAME} bytes after the header")
     skip = hdr_len
     parts = []
     for seg in segs:
