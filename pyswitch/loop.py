@@ -96,8 +96,10 @@ class EventLoop:
         def tick() -> None:
             if outer.cancelled:
                 return
-            callback()
-            self.call_later(interval, tick)
+            try:
+                callback()
+            finally:  # a failing callback is logged by the caller and runs again
+                self.call_later(interval, tick)
 
         self.call_later(interval, tick)
         return outer

@@ -86,3 +86,28 @@ def test_counters_continue_when_a_port_is_deleted_and_added_again(sw):
     assert sw.port("m1").counters.rx_packets == 4
     sw.add_port("br0", PortConfig("m9", "memory"))
     assert sw.port("m9").counters.rx_packets == 0
+
+
+
+def test_a_periodic_timer_survives_a_failing_callback():
+    """call_every goes on after its callback raises once (the MAC aging sweep, which
+    calls on_flows_expired, would otherwise stop for good)."""
+    from pyswitch.loop import EventLoop
+
+    loop = EventLoop()
+    calls = []
+
+    def tick():
+        calls.append(loop.now())
+        if len(calls) == 1:
+            raise RuntimeError("callback failed")
+
+    try:
+        loop.call_every(0.01, tick)
+        for _ in range(50):
+            loop.run_once(max_wait=0.02)
+            if len(calls) >= 3:
+                break
+    finally:
+        loop.close()
+    assert len(calls) >= 3
