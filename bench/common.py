@@ -137,8 +137,10 @@ class Pyswitch:
 
 
 def summary(values: Iterable[float]) -> dict[str, Any]:
-    """{"median", "min", "max", "runs": [...]} of the values."""
+    """{"median", "min", "max", "runs": [...]} of the values (None for each when empty)."""
     vals = list(values)
+    if not vals:
+        return {"median": None, "min": None, "max": None, "runs": []}
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "runs": vals}
 
 

@@ -12,7 +12,7 @@ Offloads are off on the hosts' interfaces in every set-up (pyswitch turns them o
 peers, see ports/README.md), so all three carry the same frames.
 
 UDP: `trafgen` in the sender sends 64-byte frames (60 + FCS) to the receiver's MAC as
-fast as it can; the rate is the receiver's `rx_packets` over `--seconds`, after 1 s of
+fast as it can; the rate is the receiver's `rx_packets` over `--seconds`, after 0.5 s of
 warm-up. The destination IP (10.77.0.99) is not the receiver's, so its stack drops the
 frames without answering. TCP: `iperf3 -t SECONDS`, receiver-side bits/s.
 Runs are interleaved (each rep measures every set-up) and summarised as median (range).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,31 +125,45 @@ def check_path(s: Setup) -> None:
 
 def udp_rate(s: Setup, conf: Path, seconds: float, cpu: int | None) -> dict[str, float]:
     """trafgen flat out from the sender; received and offered frames per second."""
+    # one worker; --no-sock-mem/--notouch-irq leave host-wide socket and IRQ settings alone
     argv = ["ip", "netns", "exec", s.tx_ns, "trafgen", "--dev", "eth0", "--conf", str(conf),
-            "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]  # leave host-wide socket/IRQ settings alone
+            "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]
+    # own session: SIGTERM reaches trafgen's forked workers too, and SIGINT may be ignored
+    # when the bench runs as a background job (trafgen stops cleanly on SIGTERM)
     gen = subprocess.Popen(pinned(cpu, argv), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        time.sleep(1.0)
+        time.sleep(0.5)
         rx0, tx0, t0 = counter(s.rx_ns, "rx_packets"), counter(s.tx_ns, "tx_packets"), \
             time.monotonic()
         time.sleep(seconds)
         rx1, tx1, t1 = counter(s.rx_ns, "rx_packets"), counter(s.tx_ns, "tx_packets"), \
             time.monotonic()
     finally:
-        gen.send_signal(signal.SIGINT)  # trafgen stops on SIGINT
-        try:
-            gen.wait(5)
-        except subprocess.TimeoutExpired:
-            gen.kill()
-            gen.wait(5)
-    if gen.returncode not in (0, -signal.SIGINT) and rx1 == rx0:
+        stop_group(gen)
+    if gen.returncode not in (0, -signal.SIGTERM) and rx1 == rx0:
         raise RuntimeError(f"trafgen exited {gen.returncode} in {s.tx_ns}")
     return {"rx_pps": (rx1 - rx0) / (t1 - t0), "offered_pps": (tx1 - tx0) / (t1 - t0)}
 
 
-def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float:
-    """iperf3 from sender to receiver; the receiver's bits/s."""
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it after 5 s; reap `proc`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(5)
+
+
+def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float | None:
+    """iperf3 from sender to receiver: the receiver's bits/s; None if it stalled (no result
+    `seconds` + 8 s after the start)."""
     server = subprocess.Popen(
         pinned(cpu, ["ip", "netns", "exec", s.rx_ns, "iperf3", "-s", "-1", "-B", RX_IP]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,8 +173,12 @@ def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"iperf3 server did not start in {s.rx_ns}")
             time.sleep(0.05)
-        out = run(*pinned(cpu, ["ip", "netns", "exec", s.tx_ns, "iperf3", "-c", RX_IP,
-                                "-t", str(int(seconds)), "-J"]), timeout=seconds + 30)
+        argv = pinned(cpu, ["ip", "netns", "exec", s.tx_ns, "iperf3", "-c", RX_IP,
+                            "-t", str(int(seconds)), "--connect-timeout", "3000", "-J"])
+        try:
+            out = run(*argv, timeout=seconds + 8)
+        except subprocess.TimeoutExpired:
+            return None
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
     finally:
         server.kill()
@@ -177,10 +196,18 @@ def measure(setups: list[Setup], conf: Path, args: argparse.Namespace) -> dict[s
                   file=sys.stderr)
     for rep in range(args.reps):
         for s in setups:
-            raw[s.name]["tcp"].append(tcp_rate(s, args.seconds, gen_cpu))
-            print(f"  rep {rep + 1} {s.name}: tcp {si(raw[s.name]['tcp'][-1], 'bit/s')}",
-                  file=sys.stderr)
+            bits = tcp_rate(s, args.seconds, gen_cpu)
+            raw[s.name]["tcp"].append(bits)
+            shown = "stalled" if bits is None else si(bits, "bit/s")
+            print(f"  rep {rep + 1} {s.name}: tcp {shown}", file=sys.stderr)
     return raw
+
+
+def ratio(a: dict, b: dict) -> str:
+    """Median of a over median of b, or '-' when either has no runs."""
+    if not a["runs"] or not b["runs"] or not b["median"]:
+        return "-"
+    return f"{a['median'] / b['median']:.2f}"
 
 
 def report(raw: dict[str, dict], args: argparse.Namespace) -> tuple[str, dict]:
@@ -191,14 +218,18 @@ def report(raw: dict[str, dict], args: argparse.Namespace) -> tuple[str, dict]:
         res[name] = {"udp_rx_pps": pps,
                      "udp_rx_bits": summary(x["rx_pps"] * FRAME * 8 for x in r["udp"]),
                      "udp_offered_pps": summary(x["offered_pps"] for x in r["udp"]),
-                     "tcp_bits": summary(r["tcp"])}
+                     "tcp_bits": summary(b for b in r["tcp"] if b is not None),
+                     "tcp_stalled": sum(b is None for b in r["tcp"])}
     ps = res["pyswitch"]
     rows = []
     for name, r in res.items():
+        tcp = fmt(r["tcp_bits"], "bit/s") if r["tcp_bits"]["runs"] else "-"
+        if r["tcp_stalled"]:
+            tcp += f", {r['tcp_stalled']}/{args.reps} stalled"
         rows.append([name, fmt(r["udp_rx_pps"], "pps"), fmt(r["udp_rx_bits"], "bit/s"),
-                     si(r["udp_offered_pps"]["median"], "pps"), fmt(r["tcp_bits"], "bit/s"),
-                     f"{ps['udp_rx_pps']['median'] / r['udp_rx_pps']['median']:.2f}",
-                     f"{ps['tcp_bits']['median'] / r['tcp_bits']['median']:.2f}"])
+                     si(r["udp_offered_pps"]["median"], "pps"), tcp,
+                     ratio(ps["udp_rx_pps"], r["udp_rx_pps"]),
+                     ratio(ps["tcp_bits"], r["tcp_bits"])])
     head = (f"veth: 64-byte UDP frames (trafgen) and TCP (iperf3), {args.seconds:g} s x "
             f"{args.reps} runs, median (min-max); CPUs: "
             + ("none pinned" if args.no_pin else "generators on 0, pyswitch on 1"))
@@ -225,6 +256,7 @@ def main() -> None:
                   linux_bridge(stack, t), plain_pair(stack, t)]
         for s in setups:
             check_path(s)
+        print(f"  set up in {time.monotonic() - started:.1f} s", file=sys.stderr)
         raw = measure(setups, conf, args)
         switch_stats = setups[0].switch.port_stats()  # type: ignore[attr-defined]
     text, res = report(raw, args)
