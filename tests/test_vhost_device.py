@@ -272,3 +272,34 @@ def test_add_and_remove_memory_regions():
     finally:
         dev.reset()
         ram.close()
+
+
+def test_call_never_blocks_on_a_saturated_call_eventfd(dev, ram):
+    """The front end shares the call eventfd and may set its counter to the maximum
+    (2^64 - 2); a blocking eventfd_write would then hang the switch's loop for good.
+    The call is skipped instead (counted as not sent)."""
+    import signal
+
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    efd = os.eventfd(0)
+    try:
+        dev.handle(u64(R.SET_VRING_CALL, 0, fds=[os.dup(efd)]))
+        os.eventfd_write(efd, 2**64 - 2)  # the hostile front end fills the counter
+
+        class Blocked(Exception):  # not an OSError: call() must not swallow it
+
+            pass
+
+        def timeout(_sig, _frame):
+            raise Blocked("Vring.call() blocked on the call eventfd")
+
+        old = signal.signal(signal.SIGALRM, timeout)
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        try:
+            assert dev.rings[0].call() is False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    finally:
+        os.close(efd)

@@ -111,7 +111,8 @@ class Vring:
         return bool(self.index & 1)
 
     def call(self) -> bool:
-        """Signal the call eventfd; False if there is none (the front end polls)."""
+        """Signal the call eventfd; False if there is none (the front end polls) or it
+        would block (the counter is full: the front end has a call pending anyway)."""
         if self.call_fd is None:
             return False
         try:
@@ -378,6 +379,10 @@ class Device:
         old = getattr(ring, name)
         if old is not None:
             os.close(old)
+        if fd is not None:
+            # The front end shares this eventfd and can fill its counter: a blocking
+            # write would then hang the loop.  (QEMU's own eventfds are non-blocking.)
+            os.set_blocking(fd, False)
         setattr(ring, name, fd)
 
     def set_vring_enable(self, msg: p.Message) -> None:
