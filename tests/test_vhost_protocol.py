@@ -164,3 +164,24 @@ def test_reader_eof_and_bad_header(pair):
     a.close()
     with pytest.raises(p.Disconnected):
         p.MessageReader().read(b)
+
+
+@pytest.mark.parametrize("then", ["eof", "bad_header", "eof_mid_message"])
+def test_reader_error_after_complete_messages_leaks_no_fd(pair, then):
+    """A front end sends a message with an fd and then hangs up (or sends garbage) in the
+    same burst: the read fails, and the completed message's fd must not leak."""
+    a, b = pair
+    b.setblocking(False)
+    reader = p.MessageReader()
+    before = len(os.listdir("/proc/self/fd"))
+    efd = os.eventfd(0)
+    socket.send_fds(a, [p.encode(p.Request.SET_VRING_CALL, p.U64.pack(0))], [efd])
+    os.close(efd)
+    if then == "bad_header":
+        a.sendall(p.HEADER.pack(1, 2, 0))
+    elif then == "eof_mid_message":
+        a.sendall(p.encode(p.Request.SET_OWNER)[:5])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(p.ProtocolError):
+        reader.read(b)
+    assert len(os.listdir("/proc/self/fd")) == before

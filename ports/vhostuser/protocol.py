@@ -368,7 +368,17 @@ class MessageReader:
         self._fds = []
 
     def read(self, sock: socket.socket) -> list[Message]:
+        """The messages completed by now.  On an error the messages already completed
+        in this call are dropped with the connection: their fds are closed first."""
         out: list[Message] = []
+        try:
+            return self._read(sock, out)
+        except ProtocolError:
+            for msg in out:
+                msg.close_fds()
+            raise
+
+    def _read(self, sock: socket.socket, out: list[Message]) -> list[Message]:
         while True:
             want = HEADER.size - len(self._buf) if self._size < 0 else self._size - len(self._buf)
             try:
