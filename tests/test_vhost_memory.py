@@ -99,3 +99,19 @@ def test_close_unmaps_and_live_views_keep_memory_valid(ram):
     view.release()
     with pytest.raises(BadAddress):
         mem.gpa(0x10, 4)
+
+
+@pytest.mark.parametrize("size", [2**63, 2**64 - 1])
+def test_absurd_region_size_on_a_non_regular_fd_is_refused_cleanly(size):
+    """A front end may send any fd.  With one that has no file size to check against (a
+    pipe, /dev/zero), a region size past what mmap takes must give ValueError (which the
+    device turns into a refusal), not an OverflowError escaping the message handler."""
+    r, w = os.pipe()
+    z = os.open("/dev/zero", os.O_RDWR)
+    try:
+        for fd in (r, z):
+            with pytest.raises(ValueError):
+                GuestMemory.map([p.MemRegion(0, size, 0x1000, 0)], [fd])
+    finally:
+        for fd in (r, w, z):
+            os.close(fd)

@@ -173,7 +173,7 @@ def _map_region(region: MemRegion, fd: int) -> MappedRegion:
         )
     try:
         mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:  # OverflowError: length past ssize_t (no fd size)
         raise ValueError(f"cannot mmap memory region gpa {region.guest_phys_addr:#x}: {exc}") from exc
     whole = memoryview(mm)
     view = whole[region.mmap_offset : length]
