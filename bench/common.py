@@ -83,6 +83,21 @@ def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
             proc.wait(5)
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it after 5 s; reap `proc`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(5)
+
+
 def spawn(stack: ExitStack, argv: list[str], **kw: Any) -> subprocess.Popen:
     """Start a process whose stop is registered on `stack`."""
     proc = subprocess.Popen(argv, **kw)

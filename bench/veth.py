@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Pyswitch, fmt, guard_signals, machine, need, run, save, si,  # noqa: E402
-                    summary, table, tag, tempdir)
+                    stop_group, summary, table, tag, tempdir)
 
 TX_MAC, RX_MAC = "02:77:00:00:00:01", "02:77:00:00:00:02"
 TX_IP, RX_IP, SINK_IP = "10.77.0.1", "10.77.0.2", "10.77.0.99"
@@ -144,21 +143,6 @@ def udp_rate(s: Setup, conf: Path, seconds: float, cpu: int | None) -> dict[str,
     if gen.returncode not in (0, -signal.SIGTERM) and rx1 == rx0:
         raise RuntimeError(f"trafgen exited {gen.returncode} in {s.tx_ns}")
     return {"rx_pps": (rx1 - rx0) / (t1 - t0), "offered_pps": (tx1 - tx0) / (t1 - t0)}
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group `proc` leads, SIGKILL it after 5 s; reap `proc`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait(5)
 
 
 def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float | None:
