@@ -66,11 +66,13 @@ class Daemon:
             if saved is not None:
                 cfg = saved
         self.control.open()
+        # Metrics first, and once: the commit below then sees them unchanged.
+        self.metrics = self._start_metrics(cfg.metrics)
+        self.cfg.metrics = cfg.metrics
         if self.store is not None:
             self._restore(cfg)
         else:
             self.commit(cfg)
-        self.metrics = self._start_metrics(cfg.metrics)
         # Long-lived objects made so far never die: keep the collector from walking
         # them (a full collection stalls forwarding for tens of milliseconds).
         gc.collect()
@@ -115,7 +117,7 @@ class Daemon:
         live = _without(self.cfg, self.errors)
         changes = plan(self.switch, live, new)
         texts = [c.text for c in changes]
-        metrics_changed = new.metrics != self.cfg.metrics and self.control.path.exists()
+        metrics_changed = new.metrics != self.cfg.metrics
         if metrics_changed:
             texts.append(f"set metrics {new.metrics.to_dict()}")
         if dry_run:

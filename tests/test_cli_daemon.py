@@ -297,3 +297,25 @@ def test_port_changes_do_not_disturb_traffic_on_other_ports(daemon, prefix):
     out, _ = pinger.communicate(timeout=60)
     assert pinger.returncode == 0, out
     assert " 400 received, 0% packet loss" in out, out
+
+
+def test_up_with_a_metrics_section_serves_it_once(tmp_path):
+    """`pyswitch up FILE` whose file sets metrics: one server on that port, none left after
+    close (the configuration's commit and the start both used to start one)."""
+    import socket
+    import threading
+
+    from pyswitch.config import parse_config
+    from pyswitch.daemon import Daemon
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = threading.active_count()
+    d = Daemon(tmp_path / "run")
+    try:
+        d.start(parse_config({"bridges": {}, "metrics": {"address": "127.0.0.1", "port": port}}))
+        assert d.metrics is not None and d.metrics.url.endswith(f":{port}/metrics")
+    finally:
+        d.close()
+    assert threading.active_count() == threads
