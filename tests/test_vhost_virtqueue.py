@@ -388,3 +388,37 @@ def test_used_idx_is_published_in_one_store():
         assert reads > 10000 and backwards == 0, (reads, backwards)
     finally:
         ram.close()
+
+
+def test_receiveq_hostile_chains_cost_bounded_work(ram, monkeypatch):
+    """A guest offers N receive buffers that all start at the same N-descriptor chain of
+    empty buffers.  With MRG_RXBUF one 1500-byte frame would walk every head to its end:
+    N * N descriptor fetches per transmit (2^30 with N = 32768), all on the switch's one
+    thread.  The work per fill is bounded by a few ring's worth of descriptors."""
+    from pyswitch.ports.vhostuser import virtqueue as vqmod
+
+    n = 256
+    dq, vq, mem = make(ram, size=n)
+    buf = ram.alloc(n)
+    for i in range(n):
+        dq.write_desc(i, buf + i, 0, F_WRITE | (F_NEXT if i < n - 1 else 0), i + 1)
+    dq.make_available([0] * n)
+
+    fetches = 0
+    real = vqmod.DESC
+
+    class Counting:  # DESC with a count of descriptor fetches
+        size = real.size
+
+        @staticmethod
+        def unpack_from(buffer, offset=0):
+            nonlocal fetches
+            fetches += 1
+            return real.unpack_from(buffer, offset)
+
+    monkeypatch.setattr(vqmod, "DESC", Counting)
+    res = vq.fill_frames([bytes(1500)], mergeable=True)
+    assert res.sent == 0 and res.taken == 0  # never enough room: not taken, nothing consumed
+    assert vq.pending() == n
+    assert fetches <= 8 * n, f"{fetches} descriptor fetches for one frame on a ring of {n}"
+    mem.close()

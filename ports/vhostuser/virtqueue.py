@@ -268,11 +268,14 @@ class Virtqueue:
         are not taken: ``result.taken`` tells how many were).  With MRG_RXBUF a frame
         may span several chains and its header's ``num_buffers`` says how many
         (5.1.6.4); without it a frame must fit one chain or is dropped as too big.
+        The descriptors walked per call are bounded (:func:`_walk_budget`).
         Used entries are published once; ``result.notify`` says whether to call.
         """
         res = RxResult()
         used: list[tuple[int, int]] = []
-        avail = _Avail(self._take_heads(self.size))  # every buffer the guest offers now
+        # every buffer the guest offers now, and a bound on the descriptors walked for
+        # them: heads may share one long chain, which must not cost N * N fetches
+        avail = _Avail(self._take_heads(self.size), _walk_budget(self.size, len(frames)))
         heads, desc, size, gpa = avail.heads, self.desc, self.size, self.mem.gpa
         unpack, hdr = DESC.unpack_from, _HDR1[:hdr_len]
         for frame in frames:
@@ -319,7 +322,8 @@ class Virtqueue:
 
     def _collect(self, avail: _Avail, need: int, mergeable: bool, res: RxResult,
                  used: list) -> list | None:
-        """Chains with room for ``need`` bytes; ``None`` if the guest has too few buffers;
+        """Chains with room for ``need`` bytes; ``None`` if the guest has too few buffers
+        (or the batch's walk budget is spent: heads sharing one long chain);
         ``[]`` if the frame is dropped (bad chain or too big) with the heads returned."""
         chains: list[tuple[int, list[memoryview]]] = []
         room = 0
@@ -335,6 +339,9 @@ class Virtqueue:
                 res.bad += 1
                 used.extend((h, 0) for h in [*(h for h, _ in chains), head])
                 return []
+            avail.budget -= len(segs)
+            if avail.budget < 0:
+                return None  # hostile layout: treat as out of buffers (not consumed)
             chains.append((head, segs))
             room += len(segs[0]) if len(segs) == 1 else sum(map(len, segs))
             if not mergeable and room < need:
@@ -344,13 +351,19 @@ class Virtqueue:
         return chains
 
 
+def _walk_budget(size: int, frames: int) -> int:
+    """Descriptors one fill of ``frames`` frames may walk on a ring of ``size``: two
+    rings' worth plus 64 per frame, far more than a real driver's buffers use (1-2 each)."""
+    return 2 * size + 64 * frames
+
+
 class _Avail:
     """Heads taken from the avail ring for one batch and how many were consumed."""
 
-    __slots__ = ("heads", "pos")
+    __slots__ = ("heads", "pos", "budget")
 
-    def __init__(self, heads: list[int]) -> None:
-        self.heads, self.pos = heads, 0
+    def __init__(self, heads: list[int], budget: int) -> None:
+        self.heads, self.pos, self.budget = heads, 0, budget
 
 
 @dataclass(slots=True)
