@@ -25,7 +25,15 @@ from .config import ConfigError, SwitchConfig, parse_config
 from .control import ControlError, ControlServer, control_path
 from .db import ConfigStore
 from .edits import EDITS, default_types
-from .flows import FlowSyntaxError, entry_to_dict, format_dump_line, format_flow, parse_filter
+from .flows import (
+    FlowSyntaxError,
+    PortNames,
+    entry_to_dict,
+    format_dump_line,
+    format_flow,
+    parse_filter,
+    parse_flow,
+)
 from .metrics import MetricsConfig, MetricsError, MetricsServer, start_metrics_server
 from .packet import mac_str
 from .port import PortError
@@ -88,8 +96,15 @@ class Daemon:
 
     def _restore(self, cfg: SwitchConfig) -> None:
         """Build every saved bridge and port; a port that fails is logged and kept in the
-        configuration (shown with its error), never dropped from the database."""
-        for change in plan(self.switch, SwitchConfig(), cfg):
+        configuration (shown with its error), never dropped from the database.  Rules are
+        installed last, less those naming a port that failed."""
+        self._restore_steps(SwitchConfig(), _without_flows(cfg))
+        self.cfg = cfg
+        live = self._live()
+        self._restore_steps(_without_flows(live), live)
+
+    def _restore_steps(self, old: SwitchConfig, new: SwitchConfig) -> None:
+        for change in plan(self.switch, old, new):
             try:
                 change.do()
                 log.info("restored: %s", change.text)
@@ -97,7 +112,6 @@ class Daemon:
                 if change.port is not None:
                     self.errors[change.port] = str(exc)
                 log.error("could not restore (%s): %s", change.text, exc)
-        self.cfg = cfg
 
     def run(self) -> None:
         self.switch.loop.install_signal_handlers()
@@ -112,9 +126,23 @@ class Daemon:
         self.switch.loop.close()
 
     # -- changing the configuration -------------------------------------------------------
+    def _live(self) -> SwitchConfig:
+        """The configuration as it runs: ``self.cfg`` less the ports that failed to
+        restore and the rules that name them."""
+        if not self.errors:
+            return self.cfg
+        out = copy.deepcopy(self.cfg)
+        for bname, bcfg in out.bridges.items():
+            for name in self.errors:
+                bcfg.ports.pop(name, None)
+            if bcfg.flows is not None:
+                names = self.switch.bridges[bname].names
+                bcfg.flows = [t for t in bcfg.flows if _parses(t, names)]
+        return out
+
     def commit(self, new: SwitchConfig, dry_run: bool = False) -> list[str]:
         """Make the switch run ``new``, then save it; return what changed."""
-        live = _without(self.cfg, self.errors)
+        live = self._live()
         changes = plan(self.switch, live, new)
         texts = [c.text for c in changes]
         metrics_changed = new.metrics != self.cfg.metrics
@@ -267,12 +295,17 @@ class Daemon:
                 log.error("saving %s after flow expiry failed: %s", self.store.path, exc)
 
 
-def _without(cfg: SwitchConfig, failed: dict[str, str]) -> SwitchConfig:
-    """``cfg`` less the ports that failed to restore (they are not running)."""
-    if not failed:
-        return cfg
+def _without_flows(cfg: SwitchConfig) -> SwitchConfig:
+    """A copy of ``cfg`` whose bridges hold their fail mode's default rules."""
     out = copy.deepcopy(cfg)
-    for br in out.bridges.values():
-        for name in failed:
-            br.ports.pop(name, None)
+    for bcfg in out.bridges.values():
+        bcfg.flows = None
     return out
+
+
+def _parses(text: str, names: PortNames) -> bool:
+    try:
+        parse_flow(text, names)
+    except FlowSyntaxError:
+        return False
+    return True

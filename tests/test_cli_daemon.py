@@ -319,3 +319,30 @@ def test_up_with_a_metrics_section_serves_it_once(tmp_path):
     finally:
         d.close()
     assert threading.active_count() == threads
+
+
+def test_restore_keeps_going_when_a_port_named_by_flows_is_gone(tmp_path, prefix):
+    """A saved rule naming a port that cannot be restored (its interface is gone) must not
+    stop the daemon: the port is shown with its error, the other rules are installed."""
+    from pyswitch.daemon import Daemon
+
+    gone = f"{prefix}gone"
+    db = tmp_path / "conf.yaml"
+    db.write_text(yaml.safe_dump({"bridges": {"br0": {
+        "ports": {"m1": {"type": "memory"}, gone: {"type": "veth", "options": {"existing": "true"}}},
+        "flows": [f"priority=10,in_port={gone} actions=output:m1", "priority=5,in_port=m1 actions=drop"],
+    }}}))
+    d = Daemon(tmp_path / "run", db, None, {"enabled": False})
+    try:
+        d.start()
+        assert gone in d.errors
+        rules = d.dispatch("dump-flows", {"bridge": "br0"})
+        assert len(rules) == 1 and "in_port=m1 actions=drop" in rules[0], rules
+        assert d.dispatch("show", {})["bridges"][0]["ports"][1]["error"] == d.errors[gone]
+        d.dispatch("del-port", {"port": gone})  # goes, with the rule naming it
+        after = d.dispatch("dump-flows", {"bridge": "br0"})
+        assert [r.split(", ", 6)[-1] for r in after] == [r.split(", ", 6)[-1] for r in rules]
+        assert not d.errors
+    finally:
+        d.close()
+    assert yaml.safe_load(db.read_text())["bridges"]["br0"]["flows"] == ["priority=5,in_port=m1 actions=drop"]
