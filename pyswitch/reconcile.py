@@ -52,6 +52,8 @@ def plan(sw: Switch, old: SwitchConfig, new: SwitchConfig) -> list[Change]:
             removals.append(_del_port(sw, bname, pcfg, f"delete port {name} from {bname}{why}"))
     for bname, bcfg in old.bridges.items():
         if bname not in new.bridges:
+            if bcfg.flows is not None:  # first: undone last, when its ports are back
+                removals.insert(0, _set_flows(sw, bname, bcfg.flows, None))
             removals.append(_del_bridge(sw, bcfg))
     for bname, bcfg in new.bridges.items():
         obr = old.bridges.get(bname)

@@ -10,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import yaml
 
 from tests.daemon_proc import DaemonProcess
@@ -346,3 +347,29 @@ def test_restore_keeps_going_when_a_port_named_by_flows_is_gone(tmp_path, prefix
     finally:
         d.close()
     assert yaml.safe_load(db.read_text())["bridges"]["br0"]["flows"] == ["priority=5,in_port=m1 actions=drop"]
+
+
+def test_a_failed_transaction_gives_a_deleted_bridge_back_its_rules(tmp_path, prefix):
+    """del-br chained with a step that fails: the bridge comes back with its rules (it came
+    back with the fail mode's default, while the configuration still listed the rules, so
+    no later plan would install them)."""
+    from pyswitch.config import parse_config
+    from pyswitch.control import ControlError
+    from pyswitch.daemon import Daemon
+
+    d = Daemon(tmp_path / "run", None, None, {"enabled": False})
+    try:
+        d.start(parse_config({"bridges": {
+            "br0": {"ports": {"m1": {"type": "memory"}}},
+            "br1": {"ports": {"m2": {"type": "memory"}, "m3": {"type": "memory"}},
+                    "flows": ["priority=5,in_port=m2 actions=output:m3"]}}}))
+        before = [r.split(", ", 6)[-1] for r in d.dispatch("dump-flows", {"bridge": "br1"})]
+        steps = [["del-br", {"bridge": "br1"}],
+                 ["add-port", {"bridge": "br0", "port": f"{prefix}gone",
+                               "settings": {"type": "veth", "options:existing": "true"}}]]
+        with pytest.raises(ControlError, match="nothing was changed"):
+            d.dispatch("transaction", {"commands": steps})
+        after = [r.split(", ", 6)[-1] for r in d.dispatch("dump-flows", {"bridge": "br1"})]
+        assert after == before == ["priority=5,in_port=m2 actions=output:m3"]
+    finally:
+        d.close()
