@@ -303,3 +303,22 @@ def test_call_never_blocks_on_a_saturated_call_eventfd(dev, ram):
             signal.signal(signal.SIGALRM, old)
     finally:
         os.close(efd)
+
+
+@pytest.mark.parametrize("req", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+@pytest.mark.parametrize("kind", ["pipe_at_eof", "regular_file"])
+def test_notification_fd_that_is_not_an_eventfd_is_refused(dev, req, kind, tmp_path):
+    """A kick fd that is always readable (a pipe whose writer is gone, a file) would make
+    the level-triggered loop call the port forever; a call fd that is a pipe nobody reads
+    fills up.  Only eventfds are taken; the others are refused and closed."""
+    negotiate(dev)
+    if kind == "pipe_at_eof":
+        fd, w = os.pipe()
+        os.close(w)
+    else:
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    before = len(os.listdir("/proc/self/fd"))
+    assert status(dev.handle(u64(req, 1, fds=[fd], need_reply=True))) == 1
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+    ring = dev.rings[1]
+    assert ring.kick_fd is None and ring.call_fd is None and ring.err_fd is None

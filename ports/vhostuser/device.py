@@ -129,6 +129,21 @@ class Vring:
                 setattr(self, name, None)
 
 
+def _require_eventfd(fd: int | None, msg: p.Message) -> None:
+    """``DeviceError`` unless ``fd`` (if any) is an eventfd, as vhost-user.rst specifies
+    for kick, call and err.  Anything else is hostile or broken: a pipe at EOF or a
+    file is always readable (the level-triggered loop would spin on the kick), and a
+    pipe nobody reads fills up."""
+    if fd is None:
+        return
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise DeviceError(f"{msg.name()}: cannot inspect fd: {exc}") from exc
+    if kind != "anon_inode:[eventfd]":
+        raise DeviceError(f"{msg.name()}: fd is {kind}, not an eventfd")
+
+
 class Device:
     """State machine of one vhost-user net device (one front-end connection)."""
 
@@ -342,6 +357,7 @@ class Device:
         index, fd = p.parse_vring_fd(msg)
         try:
             ring = self._ring(index)
+            _require_eventfd(fd, msg)
         except DeviceError:
             if fd is not None:
                 os.close(fd)
@@ -372,6 +388,7 @@ class Device:
         index, fd = p.parse_vring_fd(msg)
         try:
             ring = self._ring(index)
+            _require_eventfd(fd, msg)
         except DeviceError:
             if fd is not None:
                 os.close(fd)
