@@ -30,15 +30,18 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from common import (Pyswitch, fmt, guard_signals, machine, need, save, si,  # noqa: E402
                     summary, table, tag, tempdir)
+from ovs import OvsDpdk  # noqa: E402
 from tests.peers.testpmd import Testpmd  # noqa: E402  (the test suite's testpmd driver)
 
 SIZES = (64, 1518)
 BACKENDS = ("pyswitch flows", "pyswitch NORMAL", "DPDK vhost")
+OVS = "OVS-DPDK flows"
 SWITCH_CPU = 1
 
 
@@ -101,20 +104,30 @@ def loop_rate(guests: Testpmd, pair: tuple[int, int], size: int, seconds: float)
     return {"rx_pps": rx / (t1 - t0), "tx_pps": tx / (t1 - t0)}
 
 
-def measure(guests: Testpmd, vhost: Testpmd, args: argparse.Namespace) -> dict:
+def hooks(backend: str, vhost: Testpmd, ovs: OvsDpdk | None) -> tuple[Callable, Callable]:
+    """What lets a back end forward before its measurement, and stops it after."""
+    if backend == "DPDK vhost":
+        return (lambda: vhost.command("start")), (lambda: vhost.command("stop"))
+    if backend == OVS and ovs is not None:
+        return ovs.resume, ovs.pause
+    return (lambda: None), (lambda: None)
+
+
+def measure(guests: Testpmd, vhost: Testpmd, ovs: OvsDpdk | None,
+            args: argparse.Namespace) -> dict:
     """{backend: {size: [run, ...]}}, interleaved by rep, size, back end."""
-    pairs = {"pyswitch flows": (0, 1), "pyswitch NORMAL": (2, 3), "DPDK vhost": (4, 5)}
-    raw: dict = {b: {s: [] for s in SIZES} for b in BACKENDS}
+    backends = [*BACKENDS, OVS] if ovs else list(BACKENDS)
+    pairs = {b: (2 * i, 2 * i + 1) for i, b in enumerate(backends)}
+    raw: dict = {b: {s: [] for s in SIZES} for b in backends}
     for rep in range(args.reps):
         for size in SIZES:
-            for backend in BACKENDS:
-                if backend == "DPDK vhost":
-                    vhost.command("start")
+            for backend in backends:
+                resume, pause = hooks(backend, vhost, ovs)
+                resume()
                 try:
                     r = loop_rate(guests, pairs[backend], size, args.seconds)
                 finally:
-                    if backend == "DPDK vhost":
-                        vhost.command("stop")
+                    pause()
                 raw[backend][size].append(r)
                 print(f"  rep {rep + 1} {size:4d} B {backend}: {si(r['rx_pps'], 'pps')}",
                       file=sys.stderr)
@@ -129,17 +142,20 @@ def report(raw: dict, args: argparse.Namespace) -> tuple[str, dict]:
             res.setdefault(backend, {})[size] = {
                 "rx_pps": summary(r["rx_pps"] for r in runs),
                 "rx_bits": summary(r["rx_pps"] * size * 8 for r in runs)}
+    peers = [b for b in ("DPDK vhost", OVS) if b in res]
     rows = []
     for size in SIZES:
-        peer = res["DPDK vhost"][size]["rx_pps"]["median"]
-        for backend in BACKENDS:
+        for backend in res:
             r = res[backend][size]
-            rows.append([f"{size} B", backend, fmt(r["rx_pps"], "pps"), fmt(r["rx_bits"], "bit/s"),
-                         f"{r['rx_pps']['median'] / peer:.3f}" if peer else "n/a"])
+            row = [f"{size} B", backend, fmt(r["rx_pps"], "pps"), fmt(r["rx_bits"], "bit/s")]
+            for peer in peers:
+                base = res[peer][size]["rx_pps"]["median"]
+                row.append(f"{r['rx_pps']['median'] / base:.3f}" if base else "n/a")
+            rows.append(row)
     head = (f"vhost-user: testpmd virtio-user io loop through each back end, {args.seconds:g} s x "
             f"{args.reps} runs, both directions together, median (min-max); "
             f"back ends on CPU {SWITCH_CPU}, testpmd guests on CPU 0")
-    header = ["frame", "back end", "rate", "bits/s (frame bytes)", "this/DPDK vhost"]
+    header = ["frame", "back end", "rate", "bits/s (frame bytes)", *(f"this/{p}" for p in peers)]
     return head + "\n" + table(header, rows), res
 
 
@@ -147,6 +163,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time of one run")
     p.add_argument("--reps", type=int, default=3, help="runs of each measurement")
+    p.add_argument("--ovs", action="store_true",
+                   help="also OVS-DPDK (needs openvswitch-switch-dpdk; reserves hugepages)")
     args = p.parse_args()
     need("dpdk-testpmd", "taskset", "stdbuf")
     guard_signals()
@@ -156,8 +174,16 @@ def main() -> None:
         sock_dir = tempdir(stack)
         sw, sw_socks = start_pyswitch(stack, t, sock_dir)
         vhost, vh_socks = start_dpdk_vhost(stack, sock_dir)
-        guests = start_guests(stack, sw_socks + vh_socks)
-        raw = measure(guests, vhost, args)
+        ovs, ovs_socks = None, []
+        if args.ovs:
+            ovs = OvsDpdk(stack, tempdir(stack))
+            ovs_socks = ovs.start(f"{t}o", ["vhu1", "vhu2"],
+                                  ["in_port=vhu1,actions=output:vhu2",
+                                   "in_port=vhu2,actions=output:vhu1"])
+        guests = start_guests(stack, sw_socks + vh_socks + ovs_socks)
+        if ovs:
+            ovs.pause()
+        raw = measure(guests, vhost, ovs, args)
         switch_stats = sw.port_stats()
     text, res = report(raw, args)
     print(text)
