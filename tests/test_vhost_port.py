@@ -471,3 +471,47 @@ def test_reconnects_leak_no_file_descriptors(server):
         assert wait_for(lambda: count() == baseline, 2), (count(), baseline)
         assert wait_for(lambda: guest_maps() == 0, 2), "guest memory still mapped"
     assert server.port.vhost_stats["connections"] == 10
+
+
+def test_client_connect_never_blocks_on_a_full_backlog(tmp_path):
+    """A server that listens but does not accept (a hung QEMU, a stray process): once its
+    backlog is full, a blocking unix connect() waits forever -- in the switch's loop.
+    The client port must return at once and retry later."""
+    import signal
+
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:  # fill the backlog
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        fillers.append(s)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            break
+
+    class Blocked(Exception):
+        pass
+
+    def timeout(_sig, _frame):
+        raise Blocked("the client port's connect() blocked the loop")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    h = None
+    try:
+        h = Harness(VhostUserClientPort("pst" + secrets.token_hex(3), {"vhost-server-path": path}))
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert h.port.conn is None  # not connected, a retry is scheduled
+        assert h.call(lambda: h.port.link_state()) == "down"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if h is not None:
+            h.close()
+        for s in fillers:
+            s.close()
+        listener.close()

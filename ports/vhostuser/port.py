@@ -223,6 +223,9 @@ class VhostUserClientPort(VhostUserPort):
         if self._closed or self.conn is not None or self.io is None:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking: a unix connect() to a server whose backlog is full (one that
+        # does not accept) would otherwise wait in the loop; it fails with EAGAIN instead.
+        sock.setblocking(False)
         try:
             sock.connect(self.socket_path())
         except OSError as exc:
