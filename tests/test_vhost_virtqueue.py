@@ -257,6 +257,33 @@ def test_no_interrupt_flag_suppresses_call(ram):
     mem.close()
 
 
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_notify_decision_reads_the_driver_flag_after_a_full_fence(ram, monkeypatch, event_idx):
+    """used.idx is a store, the driver's wish (avail.flags or used_event) a load: x86 may
+    let the load pass the store, and a driver that just turned interrupts back on then
+    sees no new used entry while we see its old "no interrupt" -- a lost call, a stalled
+    guest (Linux vhost has smp_mb() before both reads).  The race itself cannot be
+    forced in a test; this checks the fence is taken on both paths, before the read."""
+    from pyswitch.ports.vhostuser import virtqueue as vqmod
+
+    dq, vq, mem = make(ram, event_idx=event_idx)
+    dq.post_rx_buffers(1)
+    seen = []
+
+    class Fence:
+        def __enter__(self):
+            seen.append(dq.used_idx())  # used.idx is already published when the fence runs
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(vqmod, "_fence", Fence())
+    assert vq.fill_frames([FRAME], mergeable=True).notify is True
+    assert seen == [1]
+    mem.close()
+
+
 @pytest.mark.parametrize(
     "used_event, old, count, expect",
     [(0, 0, 1, True), (5, 0, 5, False), (4, 0, 5, True), (2, 3, 4, False), (0xFFFF, 0xFFFE, 2, True)],

@@ -209,10 +209,14 @@ class Virtqueue:
         return self.need_notify(old, idx)
 
     def need_notify(self, old: int, new: int) -> bool:
-        """The driver's notification wish for used entries ``old..new``."""
+        """The driver's notification wish for used entries ``old..new``.
+
+        A full fence first, on both paths: used.idx (published) must be visible before
+        the driver's flag or used_event is read (2.7.7.2, 2.7.10), or a driver that just
+        re-enabled interrupts misses the call."""
+        with _fence:
+            pass
         if self.event_idx:
-            with _fence:  # full barrier: publish used.idx before reading used_event
-                pass
             event = self._avail16[self._used_event]
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
