@@ -515,3 +515,24 @@ def test_client_connect_never_blocks_on_a_full_backlog(tmp_path):
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_close_mid_message_leaks_no_fd(tmp_path, ram):
+    """A front end sends the header of SET_MEM_TABLE with its fds and stalls before the
+    payload; the switch removes the port.  The fds of the incomplete message go too."""
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    baseline = count()
+    h = Harness(VhostUserServerPort("pst" + secrets.token_hex(3), {"vhost-sock-dir": str(tmp_path)}))
+    fe = Frontend.connect(h.port.socket_path())
+    try:
+        fds = [os.dup(fd) for fd in ram.fds()]
+        socket.send_fds(fe.sock, [p.HEADER.pack(p.Request.SET_MEM_TABLE, 1, 40)], fds)
+        for fd in fds:
+            os.close(fd)
+        assert wait_for(lambda: len(h.port._reader._fds) == 1)  # header in, payload awaited
+    finally:
+        h.close()
+        fe.close()
+    assert wait_for(lambda: count() == baseline, 2), (count(), baseline)

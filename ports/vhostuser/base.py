@@ -343,6 +343,7 @@ class VhostUserPort(Port):
                 self.io.unwatch(self.conn.fileno())
             self.conn.close()
             self.conn = None
+        self._reader.close()  # fds of a message still being received
         self.device.reset()
         if self._poll_timer is not None:
             self._poll_timer.cancel()
