@@ -104,8 +104,13 @@ def _add_port(sw: Switch, bridge: str, pcfg: PortConfig) -> Change:
 
 
 def _del_port(sw: Switch, bridge: str, pcfg: PortConfig, text: str) -> Change:
-    return Change(text, lambda: sw.del_port(pcfg.name),
-                  lambda: sw.add_port(bridge, _copy_port(pcfg)))
+    ofport: list[int] = []  # the number it had, for the undo
+
+    def do() -> None:
+        ofport.append(sw.port_number(pcfg.name))
+        sw.del_port(pcfg.name)
+
+    return Change(text, do, lambda: sw.add_port(bridge, _copy_port(pcfg), *ofport[-1:]))
 
 
 def _set_vlan(sw: Switch, old: PortConfig, new: PortConfig) -> Change:

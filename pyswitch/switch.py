@@ -121,8 +121,9 @@ class Switch:
         br.set_mac_limits(aging_time, table_size)
         br.fail_mode = fail_mode  # the flows that depend on it are set by the caller
 
-    def add_port(self, bridge: str, pcfg: PortConfig) -> Port:
-        """Create, open and attach a port; PortError (nothing left behind) on failure."""
+    def add_port(self, bridge: str, pcfg: PortConfig, no: int | None = None) -> Port:
+        """Create, open and attach a port as number ``no`` if given and free, else the
+        lowest free number; PortError (nothing left behind) on failure."""
         if pcfg.name in self._ports:
             raise PortError(f"port {pcfg.name} already exists")
         br = self.bridges[bridge]
@@ -136,9 +137,10 @@ class Switch:
         except BaseException:
             port.close()
             raise
-        no = 1
-        while no in br.ports:
-            no += 1
+        if no is None or no < 1 or no in br.ports:
+            no = 1
+            while no in br.ports:
+                no += 1
         br.add_port(no, pcfg.name, pcfg.vlan, port.counters)
         att = _Attached(port, br, no, pcfg)
         self._ports[pcfg.name] = att

@@ -371,5 +371,6 @@ def test_a_failed_transaction_gives_a_deleted_bridge_back_its_rules(tmp_path, pr
             d.dispatch("transaction", {"commands": steps})
         after = [r.split(", ", 6)[-1] for r in d.dispatch("dump-flows", {"bridge": "br1"})]
         assert after == before == ["priority=5,in_port=m2 actions=output:m3"]
+        assert [d.switch.port_number(n) for n in ("m2", "m3")] == [1, 2]  # ofports kept
     finally:
         d.close()
