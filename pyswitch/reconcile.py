@@ -65,7 +65,9 @@ def plan(sw: Switch, old: SwitchConfig, new: SwitchConfig) -> list[Change]:
     for name, (bname, pcfg) in new_ports.items():
         prev = old_ports.get(name)
         if prev is None or prev[0] != bname or not _same_port(prev[1], pcfg):
-            additions.append(_add_port(sw, bname, pcfg))
+            # re-created on its bridge: the same ofport, which the bridge's rules hold
+            again = prev is not None and prev[0] == bname and name in sw.port_names(bname)
+            additions.append(_add_port(sw, bname, pcfg, sw.port_number(name) if again else None))
         elif prev[1].vlan != pcfg.vlan:
             additions.append(_set_vlan(sw, prev[1], pcfg))
     flows: list[Change] = []  # last: rules name ports that must exist by then
@@ -97,10 +99,10 @@ def execute(changes: list[Change]) -> None:
 
 # -- the steps -----------------------------------------------------------------------------
 
-def _add_port(sw: Switch, bridge: str, pcfg: PortConfig) -> Change:
+def _add_port(sw: Switch, bridge: str, pcfg: PortConfig, ofport: int | None = None) -> Change:
     return Change(f"add port {pcfg.name} to {bridge} (type {pcfg.type})",
-                  lambda: sw.add_port(bridge, _copy_port(pcfg)), lambda: sw.del_port(pcfg.name),
-                  port=pcfg.name)
+                  lambda: sw.add_port(bridge, _copy_port(pcfg), ofport),
+                  lambda: sw.del_port(pcfg.name), port=pcfg.name)
 
 
 def _del_port(sw: Switch, bridge: str, pcfg: PortConfig, text: str) -> Change:

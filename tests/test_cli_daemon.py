@@ -374,3 +374,27 @@ def test_a_failed_transaction_gives_a_deleted_bridge_back_its_rules(tmp_path, pr
         assert [d.switch.port_number(n) for n in ("m2", "m3")] == [1, 2]  # ofports kept
     finally:
         d.close()
+
+
+def test_a_re_created_port_keeps_its_ofport_and_its_rules_keep_matching(tmp_path):
+    """Changing a port's options re-creates it; it must come back under the same ofport,
+    since the bridge's rules hold port numbers (with a gap below it, it took the lowest
+    free number and the rules naming it silently stopped matching)."""
+    from pyswitch.config import parse_config
+    from pyswitch.daemon import Daemon
+    from tests.test_bridge import BCAST, frame, mac
+
+    d = Daemon(tmp_path / "run", None, None, {"enabled": False})
+    try:
+        d.start(parse_config({"bridges": {"br0": {
+            "ports": {n: {"type": "memory"} for n in ("m1", "m2", "m3")},
+            "flows": ["priority=5,in_port=m3 actions=output:m1"]}}}))
+        d.dispatch("del-port", {"port": "m2"})
+        d.dispatch("set-port", {"port": "m3", "settings": {"options:capacity": "8"}})
+        assert d.switch.port_number("m3") == 3
+        d.switch.port("m3").inject([frame(BCAST, mac(3))])
+        for _ in range(5):
+            d.switch.loop.run_once(max_wait=0.01)
+        assert len(d.switch.port("m1").sent) == 1
+    finally:
+        d.close()
