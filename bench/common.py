@@ -175,7 +175,13 @@ def si(value: float, unit: str) -> str:
 def fmt(s: dict[str, Any], unit: str) -> str:
     """'median (min-max)', the range in the median's unit: '1.23 Mpps (1.1-1.4)'."""
     scale, _ = _scale(s["median"])
-    return f"{si(s['median'], unit)} ({s['min'] / scale:.3g}-{s['max'] / scale:.3g})"
+    lo, hi = s["min"] / scale, s["max"] / scale
+    return f"{si(s['median'], unit)} ({_num(lo)}-{_num(hi)})"
+
+
+def _num(x: float) -> str:
+    """Three significant digits, never in exponent notation."""
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

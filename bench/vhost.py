@@ -1,6 +1,6 @@
 """pyswitch's vhost-user ports against DPDK's own vhost back end, with testpmd as the guests.
 
-    sudo .venv/bin/python bench/vhost.py [--seconds 5] [--reps 3]
+    sudo .venv/bin/python bench/vhost.py [--seconds 5] [--reps 3] [--ovs]
 
 One `dpdk-testpmd` with six `net_virtio_user` ports plays the VMs (`--forward-mode=io`: a
 frame received on one port of a pair is sent out of the other). Each pair of its ports
@@ -11,14 +11,17 @@ is plugged into one back end, so that pair and the back end make a closed loop:
   learning switch; testpmd's io mode keeps the source MAC, so the MAC moves between
   the two ports with every frame, and the destination is unknown, so every frame floods
   to the one other port);
-- DPDK vhost: a second testpmd with two `net_vhost` ports, `--forward-mode=io`.
+- DPDK vhost: a second testpmd with two `net_vhost` ports, `--forward-mode=io`;
+- OVS-DPDK flows (only with `--ovs`): Open vSwitch with DPDK, a `netdev` bridge with two
+  `dpdkvhostuser` ports and the same two rules (bench/ovs.py: hugepages are reserved for
+  the run and given back; its PMD thread is stopped while the others are measured).
 A measurement (`set portlist` picks the pair) drains the loop (`rxonly` for 0.5 s),
 then `set txpkts SIZE`, `start tx_first 8` (8 bursts of 32 frames from each port), waits
 1 s, and counts RX-packets of both ports over `--seconds`: the rate is both directions
 together, what the back end delivered. Sizes: 64 and 1518 bytes (testpmd's frame length,
 no FCS; pyswitch's ports get `mtu: 1504` so a 1518-byte frame is not dropped as too long).
 Runs are interleaved (rep, size, back end) and summarised as median (range).
-CPUs: pyswitch and the DPDK vhost testpmd's forwarding lcore on CPU 1; the virtio-user
+CPUs: pyswitch, the DPDK vhost testpmd's forwarding lcore and OVS's PMD on CPU 1; the virtio-user
 testpmd (main and forwarding lcore) on CPU 0. Only one back end forwards at a time.
 Everything is removed on exit, Ctrl-C or SIGTERM. Results: bench/out/vhost-*.json.
 """
@@ -161,11 +164,14 @@ def report(raw: dict, args: argparse.Namespace) -> tuple[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=5.0, help="measuring time of one run")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="measuring time of one run (default 5, with --ovs 4: under 3 min)")
     p.add_argument("--reps", type=int, default=3, help="runs of each measurement")
     p.add_argument("--ovs", action="store_true",
                    help="also OVS-DPDK (needs openvswitch-switch-dpdk; reserves hugepages)")
     args = p.parse_args()
+    if args.seconds is None:
+        args.seconds = 4.0 if args.ovs else 5.0
     need("dpdk-testpmd", "taskset", "stdbuf")
     guard_signals()
     started, info = time.monotonic(), machine()
