@@ -26,6 +26,8 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from pyswitch.ports.frames import VLAN_TPIDS, send_each
+
 from pyswitch.port import Frame, PortCounters, PortError
 
 # linux/if_packet.h, linux/if_ether.h
@@ -49,7 +51,6 @@ _TPACKET_REQ = struct.Struct("=IIII")  # block_size, block_nr, frame_size, frame
 _TPACKET_STATS = struct.Struct("=II")  # tp_packets, tp_drops (reset on read)
 _VLAN_TAG = struct.Struct("!HH")  # TPID, TCI
 _STATUS_KERNEL = b"\x00\x00\x00\x00"
-VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8")
 # Where the MAC header lands in a slot (tpacket_rcv): netoff = TPACKET_ALIGN(TPACKET2_HDRLEN 52
 # + 16) + tp_reserve 4 = 84, macoff = netoff - 14 = 70; 8 bytes of margin on top.
 _MAC_OFFSET_MAX = 78
@@ -169,31 +170,8 @@ class PacketRing:
     def transmit(self, frames: Sequence[Frame]) -> int:
         """Send each frame; returns how many were sent.  Oversized frames are dropped
         one by one (``mtu``); a full socket (``no_buffer``) or a down link (``link_down``)
-        drops the rest of the batch."""
-        send, limit, counters = self.sock.send, self._limit, self.counters
-        sent = nbytes = 0
-        for i, frame in enumerate(frames):
-            n = len(frame)
-            if n > limit and (n > limit + 4 or bytes(frame[12:14]) not in VLAN_TPIDS):
-                counters.drop("mtu", rx=False)
-                continue
-            if n < 14:  # not even an Ethernet header
-                counters.drop("malformed", rx=False)
-                continue
-            try:
-                send(frame)
-            except OSError as exc:
-                reason = _tx_error_reason(exc)
-                if reason == "mtu" or reason == "malformed":
-                    counters.drop(reason, rx=False)
-                    continue
-                counters.drop(reason, len(frames) - i, rx=False)
-                break
-            sent += 1
-            nbytes += n
-        counters.tx_packets += sent
-        counters.tx_bytes += nbytes
-        return sent
+        drops the rest of the batch (:func:`pyswitch.ports.frames.send_each`)."""
+        return send_each(frames, self.sock.send, self._limit, self.counters, _tx_error_reason)
 
     def poll_kernel_drops(self) -> int:
         """Fold the kernel's count of frames lost for want of a free ring slot into

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import struct
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from pyswitch.ports import netlink as nl
+from pyswitch.ports.frames import VLAN_TPIDS, send_each
 
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
 
@@ -38,7 +40,6 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 _IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq: name, ifr_flags (40 bytes)
 DEFAULT_MTU = 1500
-VLAN_TPIDS = (b"\x81\x00", b"\x88\xa8")
 
 
 class TapPort(Port):
@@ -159,30 +160,8 @@ class TapPort(Port):
             if frames:
                 counters.drop("link_down", len(frames), rx=False)
             return 0
-        write, limit = os.write, self._limit
-        sent = nbytes = 0
-        for i, frame in enumerate(frames):
-            n = len(frame)
-            if n > limit and (n > limit + 4 or bytes(frame[12:14]) not in VLAN_TPIDS):
-                counters.drop("mtu", rx=False)
-                continue
-            if n < 14:  # not even an Ethernet header
-                counters.drop("malformed", rx=False)
-                continue
-            try:
-                write(fd, frame)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:  # shorter than an Ethernet header
-                    counters.drop("malformed", rx=False)
-                    continue
-                reason = "no_buffer" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "link_down"
-                counters.drop(reason, len(frames) - i, rx=False)
-                break
-            sent += 1
-            nbytes += n
-        counters.tx_packets += sent
-        counters.tx_bytes += nbytes
-        return sent
+        return send_each(frames, functools.partial(os.write, fd), self._limit, counters,
+                         _tx_error_reason)
 
     # -- operator views ----------------------------------------------------------------
     def link_state(self) -> str:
@@ -195,6 +174,14 @@ class TapPort(Port):
             "open": self._fd >= 0,
             "address": [str(a) for a in self._addresses],
         }
+
+
+def _tx_error_reason(exc: OSError) -> str:
+    """A failed TAP ``write()`` as a drop reason: EINVAL is a frame shorter than an
+    Ethernet header, EAGAIN/ENOBUFS a full queue, anything else a down device."""
+    if exc.errno == errno.EINVAL:
+        return "malformed"
+    return "no_buffer" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "link_down"
 
 
 def _open_tap(ifname: str) -> int:
