@@ -10,7 +10,9 @@ For each received frame (the order of ``br_input.c``):
 
 1. shorter than an Ethernet header: dropped, ``malformed``;
 2. VLAN ingress: the port's setting maps the 802.1Q VID (or its absence) to the
-   frame's VLAN inside the bridge, or drops it (``vlan``);
+   frame's VLAN inside the bridge, or drops it (``vlan``); a frame to a reserved group
+   address 01:80:c2:00:00:00-0f (STP BPDUs, LACP, LLDP) goes no further, as in OVS
+   without ``other_config:forward-bpdu``;
 3. learning: a unicast source MAC is recorded for (VLAN, MAC) on the ingress port;
 4. lookup: a known unicast destination goes to its one port (never back out of the
    ingress port: such a frame is dropped silently, as OVS and Linux do); unknown
@@ -46,6 +48,9 @@ FAIL_MODES = ("standalone", "secure")
 DEFAULT_FLOW = Flow(actions=(Action("normal"),), priority=0)
 #: Most decisions the flow cache keeps; it is emptied when full (a new generation).
 FLOW_CACHE_SIZE = 65536
+#: 01:80:c2:00:00:0X less its first octet: the IEEE 802.1D reserved group addresses
+#: (802.1Q-2018 Table 8-1), which a bridge never forwards.
+RESERVED_GROUP = b"\x80\xc2\x00\x00"
 
 
 @dataclass(slots=True)
@@ -231,6 +236,8 @@ class Bridge:
         if vlan is None:
             inp.counters.drop("vlan", rx=True)
             return
+        if frame[0] == 0x01 and frame[1:5] == RESERVED_GROUP and frame[5] < 0x10:
+            return  # 802.1D reserved group (STP, LACP, LLDP): OVS drops it without forward-bpdu
         if not frame[6] & 1:
             self.fdb.learn(vlan, bytes(frame[6:12]), inp.no, now)
         if frame[0] & 1:

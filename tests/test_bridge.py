@@ -54,6 +54,16 @@ def test_broadcast_and_multicast_flood():
     assert sorted(br.process(1, [frame("01:00:5e:00:00:01", mac(1))], now=0)) == [2, 3]
 
 
+@pytest.mark.parametrize("dst", ["01:80:c2:00:00:00", "01:80:c2:00:00:02", "01:80:c2:00:00:0e"])
+def test_reserved_multicast_is_not_forwarded(dst):
+    """NORMAL drops frames to the IEEE 802.1D reserved group 01:80:c2:00:00:00-0f (STP BPDUs,
+    LACP, LLDP), as Open vSwitch does by default (other_config:forward-bpdu=false); the
+    addresses next to that block flood as other multicast does."""
+    br = make_bridge({1: TRUNK, 2: TRUNK, 3: TRUNK})
+    assert br.process(1, [frame(dst, mac(1))], now=0) == {}
+    assert sorted(br.process(1, [frame("01:80:c2:00:00:10", mac(1))], now=0)) == [2, 3]
+    assert sorted(br.process(1, [frame("01:80:c3:00:00:00", mac(1))], now=0)) == [2, 3]
+
 def test_multicast_source_is_not_learned():
     br = make_bridge({1: TRUNK, 2: TRUNK})
     br.process(1, [frame(BCAST, "01:00:5e:00:00:01")], now=0)
