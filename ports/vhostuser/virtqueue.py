@@ -61,6 +61,12 @@ MAX_QUEUE_SIZE = 32768
 _fence = threading.Lock()
 
 
+#: Descriptors a transmitq batch may walk per frame asked for.  A real driver uses 1-3
+#: per frame (up to 19 with indirect scatter lists); heads that share one long chain
+#: would otherwise cost max_n * N fetches in one batch, on the switch's only thread.
+_TX_WALK_BUDGET = 16
+
+
 class BadChain(Exception):
     """A descriptor chain the device must not use (loop, bad index, bad address ...)."""
 
@@ -237,15 +243,23 @@ class Virtqueue:
         ``frames`` and its head to ``heads``; the caller must :meth:`put_used` the
         heads (length 0) when done with the frames.  Bad chains are put on ``heads``
         too (so the guest gets them back) but give no frame.  Returns the number of
-        bad chains.  With EVENT_IDX, asks for a kick at the next entry.
+        bad chains.  With EVENT_IDX, asks for a kick at the next entry.  The batch ends
+        early once it has walked ``_TX_WALK_BUDGET`` descriptors per frame asked for;
+        the heads not reached stay pending (:meth:`pending`) for the next batch.
         """
         bad = 0
         desc, size, gpa, unpack = self.desc, self.size, self.mem.gpa, DESC.unpack_from
-        for head in self._take_heads(max_n):
+        taken = self._take_heads(max_n)
+        budget = _TX_WALK_BUDGET * max_n  # descriptors; a bad chain counts as N
+        for k, head in enumerate(taken):
+            if budget < 0:  # spent (heads sharing long chains): the rest waits on the ring
+                self.last_avail_idx = (self.last_avail_idx - (len(taken) - k)) & 0xFFFF
+                break
             heads.append(head)
             if head < size:  # fast path: header and frame in one readable descriptor
                 addr, length, flags, _nxt = unpack(desc, 16 * head)
                 if not flags & _NOT_SIMPLE and length > hdr_len:
+                    budget -= 1
                     try:
                         frames.append(gpa(addr, length)[hdr_len:])
                     except BadAddress:
@@ -253,12 +267,14 @@ class Virtqueue:
                     continue
             try:  # anything else: the general walk (which fetches the descriptor anew)
                 segs = self.walk(head, False)
+                budget -= len(segs) + 1
                 if len(segs) == 1 and len(segs[0]) > hdr_len:
                     frames.append(segs[0][hdr_len:])
                 else:
                     frames.append(_strip_header(segs, hdr_len))
             except BadChain:
                 bad += 1
+                budget -= size
         if self.event_idx:
             self._used16[self._avail_event] = self.last_avail_idx
         self.stats.bad_chains += bad
