@@ -536,3 +536,38 @@ def test_close_mid_message_leaks_no_fd(tmp_path, ram):
         h.close()
         fe.close()
     assert wait_for(lambda: count() == baseline, 2), (count(), baseline)
+
+
+def test_unexpected_error_in_a_handler_drops_the_connection_and_leaks_no_fd(server, ram):
+    """Whatever a message handler raises (here: a bug, simulated), the port drops that
+    front end -- closing the fds of the messages that came with it in the same read --
+    and serves the next one; the exception does not reach the loop."""
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def broken(_msg):
+        raise RuntimeError("simulated bug in a handler")
+
+    baseline = count()
+    server.port.device._handlers[R.SET_OWNER] = broken
+    bad = Frontend.connect(server.port.socket_path())
+    try:
+        import threading
+        import time as _time
+
+        busy = threading.Thread(target=server.call, args=(lambda: _time.sleep(0.5),))
+        busy.start()  # hold the loop so that both messages are there when it reads
+        _time.sleep(0.1)
+        efd = os.eventfd(0)
+        bad.sock.sendall(p.encode(R.SET_OWNER))
+        socket.send_fds(bad.sock, [p.encode(R.SET_VRING_CALL, p.U64.pack(0))], [efd])
+        os.close(efd)
+        busy.join()
+        bad.sock.settimeout(2)
+        assert bad.sock.recv(1) == b""  # dropped
+    finally:
+        bad.close()
+    assert wait_for(lambda: server.port.conn is None)
+    assert wait_for(lambda: count() == baseline, 2), (count(), baseline)
+    assert not server.loop.errors
+    del server.port.device._handlers[R.SET_OWNER]

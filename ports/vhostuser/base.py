@@ -118,10 +118,16 @@ class VhostUserPort(Port):
                 if reply is not None:
                     p.send_message(self.conn, reply)
             except (FatalDeviceError, p.Disconnected) as exc:
-                for later in messages[i + 1 :]:
-                    later.close_fds()
-                self._disconnect(str(exc))
-                return
+                reason = str(exc)
+            except Exception as exc:  # a bug on hostile input must cost the connection only
+                log.exception("%s: vhost-user %s failed", self.name, msg.name())
+                reason = f"internal error on {msg.name()}: {exc}"
+            else:
+                continue
+            for later in messages[i + 1 :]:
+                later.close_fds()
+            self._disconnect(reason)
+            return
         if messages:
             self._refresh()
 
