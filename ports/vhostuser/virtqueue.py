@@ -57,7 +57,7 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
 
 #: An uncontended lock acquire is a LOCK-prefixed instruction on x86-64: a full fence.
-#: Needed between publishing used.idx and reading used_event (2.7.10, EVENT_IDX).
+#: Needed between publishing used.idx and reading used_event or avail.flags (2.7.7, 2.7.10).
 _fence = threading.Lock()
 
 
