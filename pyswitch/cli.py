@@ -109,6 +109,7 @@ def _run_daemon(args: argparse.Namespace, initial: SwitchConfig | None, db: Path
     if args.metrics_port is not None:
         override["port"] = args.metrics_port
     d = Daemon(args.rundir, db, getattr(args, "control_group", None), override)
+    d.switch.loop.install_signal_handlers()  # a SIGTERM while starting stops it cleanly after
     try:
         d.start(initial)
     except (DatabaseError, ControlError, PortError, OSError) as exc:

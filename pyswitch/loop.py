@@ -56,6 +56,7 @@ class EventLoop:
         self._ready: dict[object, None] = {}  # insertion-ordered set
         self._service = service
         self._running = False
+        self._stop_requested = False  # a stop() that came before run(): honoured by run()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -113,8 +114,10 @@ class EventLoop:
 
     # -- running -----------------------------------------------------------------------
     def stop(self) -> None:
-        """Make :meth:`run` return after the current iteration (safe from signal handlers)."""
+        """Make :meth:`run` return after the current iteration, or at once if it is not
+        running yet (safe from signal handlers)."""
         self._running = False
+        self._stop_requested = True
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -128,9 +131,12 @@ class EventLoop:
         self._signals_installed = True
 
     def run(self) -> None:
-        self._running = True
-        while self._running:
-            self.run_once()
+        self._running = not self._stop_requested
+        try:
+            while self._running:
+                self.run_once()
+        finally:
+            self._stop_requested = False
 
     def run_once(self, max_wait: float | None = None) -> None:
         """One iteration: service ready items, run due timers, wait for events."""

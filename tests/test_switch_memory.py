@@ -111,3 +111,26 @@ def test_a_periodic_timer_survives_a_failing_callback():
     finally:
         loop.close()
     assert len(calls) >= 3
+
+
+def test_a_stop_before_run_is_not_lost():
+    """A SIGTERM while the daemon is still building its ports calls stop() before run():
+    run() must then return at once (it used to reset the flag and run on)."""
+    import time
+
+    from pyswitch.loop import EventLoop
+
+    loop = EventLoop()
+    try:
+        loop.stop()
+        safety = loop.call_later(3.0, loop.stop)  # bounds the test if the stop was lost
+        t0 = time.monotonic()
+        loop.run()
+        assert time.monotonic() - t0 < 1.0
+        safety.cancel()
+        loop.call_later(0.05, loop.stop)  # a later run is not stopped by the old request
+        t0 = time.monotonic()
+        loop.run()
+        assert time.monotonic() - t0 >= 0.04
+    finally:
+        loop.close()
