@@ -571,3 +571,20 @@ def test_unexpected_error_in_a_handler_drops_the_connection_and_leaks_no_fd(serv
     assert wait_for(lambda: count() == baseline, 2), (count(), baseline)
     assert not server.loop.errors
     del server.port.device._handlers[R.SET_OWNER]
+
+
+def test_corrupt_receiveq_avail_index_stops_that_ring(server, fe, ram):
+    """The guest moves its receiveq's avail index by more than the ring size: like a
+    corrupt transmitq, the ring is stopped and counted (broken_rings, log), not left
+    silently turning every frame sent to it into a no_buffer drop."""
+    ((rxq, _),) = bring_up(fe, ram)
+    rxq.post_rx_buffers(4)
+    fe.kick(0)
+    assert wait_for(lambda: server.port.device.rings[0].started)
+    rxq.avail_idx += 1000
+    rxq.make_available([])
+    assert server.call(lambda: server.port.transmit([frame(1)] * 2)) == 0
+    assert server.port.vhost_stats["broken_rings"] == 1
+    assert not server.port.device.rings[0].started
+    assert server.call(lambda: server.port.transmit([frame(1)])) == 0
+    assert server.port.counters.drops["link_down"] == 1  # no receiveq left

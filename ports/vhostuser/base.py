@@ -231,7 +231,8 @@ class VhostUserPort(Port):
         return keep
 
     def _ring_broken(self, ring: Vring) -> None:
-        """The guest moved its avail index by more than the ring size: stop the ring
+        """The guest moved its avail index (of a transmitq or a receiveq) by more than
+        the ring size: stop the ring
         (the front end must set it up again); the port keeps serving the others."""
         log.error("%s: vring %d: avail index corrupt, ring stopped", self.name, ring.index)
         self.vhost_stats["broken_rings"] += 1
@@ -295,6 +296,8 @@ class VhostUserPort(Port):
         q = ring.queue
         assert q is not None
         res = q.fill_frames(frames, self.device.mergeable, self.device.hdr_len)
+        if q.broken:
+            self._ring_broken(ring)
         c = self.counters
         c.tx_packets += res.sent
         c.tx_bytes += res.bytes
