@@ -172,7 +172,8 @@ def main() -> None:
     args = p.parse_args()
     if args.seconds is None:
         args.seconds = 4.0 if args.ovs else 5.0
-    need("dpdk-testpmd", "taskset", "stdbuf")
+    need("dpdk-testpmd", "taskset", "stdbuf",
+         *(("ovsdb-server", "ovsdb-tool", "ovs-vsctl", "ovs-ofctl") if args.ovs else ()))
     guard_signals()
     started, info = time.monotonic(), machine()
     with ExitStack() as stack:
