@@ -21,18 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SwitchConfig, parse_config
+from .config import ConfigError, PortConfig, SwitchConfig, parse_config
 from .control import ControlError, ControlServer, control_path
 from .db import ConfigStore
 from .edits import EDITS, default_types
 from .flows import (
     FlowSyntaxError,
-    PortNames,
     entry_to_dict,
     format_dump_line,
     format_flow,
     parse_filter,
-    parse_flow,
 )
 from .metrics import MetricsConfig, MetricsError, MetricsServer, start_metrics_server
 from .packet import mac_str
@@ -100,7 +98,7 @@ class Daemon:
         installed last, less those naming a port that failed."""
         self._restore_steps(SwitchConfig(), _without_flows(cfg))
         self.cfg = cfg
-        live = self._live()
+        live = _without(cfg, self.errors)
         self._restore_steps(_without_flows(live), live)
 
     def _restore_steps(self, old: SwitchConfig, new: SwitchConfig) -> None:
@@ -126,24 +124,12 @@ class Daemon:
         self.switch.loop.close()
 
     # -- changing the configuration -------------------------------------------------------
-    def _live(self) -> SwitchConfig:
-        """The configuration as it runs: ``self.cfg`` less the ports that failed to
-        restore and the rules that name them."""
-        if not self.errors:
-            return self.cfg
-        out = copy.deepcopy(self.cfg)
-        for bname, bcfg in out.bridges.items():
-            for name in self.errors:
-                bcfg.ports.pop(name, None)
-            if bcfg.flows is not None:
-                names = self.switch.bridges[bname].names
-                bcfg.flows = [t for t in bcfg.flows if _parses(t, names)]
-        return out
-
     def commit(self, new: SwitchConfig, dry_run: bool = False) -> list[str]:
-        """Make the switch run ``new``, then save it; return what changed."""
-        live = self._live()
-        changes = plan(self.switch, live, new)
+        """Make the switch run ``new``, then save it; return what changed.  A port that
+        failed to restore and that ``new`` leaves as it was stays failed (a request that
+        changes it retries it)."""
+        still = {n: e for n, e in self.errors.items() if _port(new, n) == _port(self.cfg, n)}
+        changes = plan(self.switch, _without(self.cfg, self.errors), _without(new, still))
         texts = [c.text for c in changes]
         metrics_changed = new.metrics != self.cfg.metrics
         if metrics_changed:
@@ -171,7 +157,7 @@ class Daemon:
         if metrics_changed:
             self.metrics = new_server
         self.cfg = new
-        self.errors = {}
+        self.errors = still
         if self.store is not None:
             try:
                 self.store.save(new)
@@ -303,9 +289,17 @@ def _without_flows(cfg: SwitchConfig) -> SwitchConfig:
     return out
 
 
-def _parses(text: str, names: PortNames) -> bool:
-    try:
-        parse_flow(text, names)
-    except FlowSyntaxError:
-        return False
-    return True
+def _without(cfg: SwitchConfig, failed: dict[str, str]) -> SwitchConfig:
+    """``cfg`` less the ports that failed to restore (they are not running) and the rules
+    that name them (as ``del-port`` would drop them)."""
+    if not failed:
+        return cfg
+    raw = cfg.to_dict()
+    for name in failed:
+        EDITS["del-port"](raw, {"port": name, "if_exists": True})
+    return parse_config(raw)
+
+
+def _port(cfg: SwitchConfig, name: str) -> tuple[str, PortConfig] | None:
+    found = cfg.find_port(name)
+    return None if found is None else (found[0].name, found[1])

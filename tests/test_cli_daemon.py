@@ -398,3 +398,30 @@ def test_a_re_created_port_keeps_its_ofport_and_its_rules_keep_matching(tmp_path
         assert len(d.switch.port("m1").sent) == 1
     finally:
         d.close()
+
+
+def test_a_port_that_failed_to_restore_does_not_block_other_changes(tmp_path, prefix):
+    """After a restore in which one port failed (its interface is gone), an unrelated change
+    applies; the failed port stays in the configuration with its error, and a change to
+    that port itself retries it (every request used to retry it and be refused)."""
+    from pyswitch.control import ControlError
+    from pyswitch.daemon import Daemon
+
+    gone = f"{prefix}gone"
+    db = tmp_path / "conf.yaml"
+    db.write_text(yaml.safe_dump({"bridges": {"br0": {"ports": {
+        "m1": {"type": "memory"}, gone: {"type": "veth", "options": {"existing": "true"}}}}}}))
+    d = Daemon(tmp_path / "run", db, None, {"enabled": False})
+    try:
+        d.start()
+        assert gone in d.errors
+        d.dispatch("add-port", {"bridge": "br0", "port": "m2", "settings": {"type": "memory"}})
+        assert d.switch.port_names("br0") == ["m1", "m2"] and gone in d.errors
+        ports = {p["name"]: p for p in d.dispatch("show", {})["bridges"][0]["ports"]}
+        assert "no interface" in ports[gone]["error"] and ports["m2"]["link_state"] == "up"
+        assert set(yaml.safe_load(db.read_text())["bridges"]["br0"]["ports"]) == {"m1", gone, "m2"}
+        with pytest.raises(ControlError, match="nothing was changed"):  # a change to it: retried
+            d.dispatch("set-port", {"port": gone, "settings": {"tag": "5"}})
+        assert gone in d.errors and "tag" not in yaml.safe_load(db.read_text())["bridges"]["br0"]["ports"][gone]
+    finally:
+        d.close()
