@@ -158,7 +158,10 @@ def _trunks(value: Any, path: Path) -> list[int]:
     if value is None:
         return []
     if isinstance(value, str):
-        items: list[Any] = [v for v in value.replace(" ", "").split(",") if v]
+        text = value.replace(" ", "")
+        if text[:1] == "[" and text[-1:] == "]":  # ovs-vsctl's set syntax: [10,20]
+            text = text[1:-1]
+        items: list[Any] = [v for v in text.split(",") if v]
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
     elif isinstance(value, list):

@@ -91,3 +91,13 @@ def test_examples_are_valid():
     assert examples, "examples/ has no topology"
     for path in examples:
         load_topology(path)
+
+
+@pytest.mark.parametrize("text", ["10,20", "[10,20]", "[10, 20]", " 10, 20 "])
+def test_trunks_take_the_ovs_vsctl_set_syntax(text):
+    """`pyswitch set Port p trunks=[10,20]` is how ovs-vsctl writes a set; the brackets
+    were read as part of the first and last VLAN ID."""
+    from pyswitch.config import parse_config
+
+    cfg = parse_config({"bridges": {"br0": {"ports": {"p": {"type": "memory", "trunks": text}}}}})
+    assert cfg.bridges["br0"].ports["p"].vlan.trunks == {10, 20}
