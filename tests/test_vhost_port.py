@@ -588,3 +588,42 @@ def test_corrupt_receiveq_avail_index_stops_that_ring(server, fe, ram):
     assert not server.port.device.rings[0].started
     assert server.call(lambda: server.port.transmit([frame(1)])) == 0
     assert server.port.counters.drops["link_down"] == 1  # no receiveq left
+
+
+def test_socket_in_use_by_a_server_that_does_not_accept_is_refused_at_once(tmp_path):
+    """open() probes an existing socket path to tell a stale file from a live server; the
+    probe must not wait on a live server whose backlog is full (it would hold the loop)."""
+    import signal
+
+    path = str(tmp_path / "p1")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:  # fill the backlog
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        fillers.append(s)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            break
+
+    class Blocked(Exception):
+        pass
+
+    def timeout(_sig, _frame):
+        raise Blocked("the stale-socket probe blocked")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        with pytest.raises(PortError, match="in use"):
+            VhostUserServerPort("p1", {"vhost-sock-dir": str(tmp_path)}).open()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert os.path.exists(path)  # a live server's socket is left alone

@@ -148,8 +148,11 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise PortError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a live server with a full backlog: EAGAIN, not a wait
     try:
         probe.connect(path)
+    except BlockingIOError:
+        pass  # somebody listens (and does not accept): in use
     except OSError:
         os.unlink(path)  # nobody listens: left over from a previous run
         return
