@@ -23,10 +23,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -51,7 +52,7 @@ def guard_signals() -> None:
 
 def run(*argv: str, check: bool = True, timeout: float = 30) -> str:
     """Run a command, return its stdout; RuntimeError with stderr if it fails and `check`."""
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()}")
     return r.stdout
@@ -124,7 +125,7 @@ class Pyswitch:
         self.proc: subprocess.Popen | None = None
         stack.callback(self.stop)
 
-    def start(self, timeout: float = 30) -> "Pyswitch":
+    def start(self, timeout: float = 30) -> Pyswitch:
         argv = [str(PYSWITCH), "up", str(self.yaml), "--metrics-port", "0"]
         if self.cpu is not None:
             argv = ["taskset", "-c", str(self.cpu), *argv]
@@ -187,13 +188,16 @@ def _num(x: float) -> str:
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A plain fixed-width text table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
             "loadavg_at_start": os.getloadavg()}
 
@@ -201,7 +205,7 @@ def machine() -> dict[str, Any]:
 def save(name: str, data: dict[str, Any]) -> Path:
     """Write `data` as bench/out/<name>-<stamp>.json and <name>-latest.json; the first path."""
     OUT.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = OUT / f"{name}-{stamp}.json"
     text = json.dumps(data, indent=2)
     path.write_text(text)

@@ -79,7 +79,8 @@ class OvsDpdk:
         got = int(HUGEPAGES.read_text())
         if got < PAGES // 2:
             raise RuntimeError(f"only {got} hugepages could be reserved")
-        if not any(line.split()[1] == str(HUGE_MOUNT) for line in open("/proc/mounts")):
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        if not any(line.split()[1] == str(HUGE_MOUNT) for line in mounts):
             HUGE_MOUNT.mkdir(exist_ok=True)
             run("mount", "-t", "hugetlbfs", "none", str(HUGE_MOUNT))
             self.stack.callback(run, "umount", str(HUGE_MOUNT), check=False)
@@ -87,8 +88,7 @@ class OvsDpdk:
     def _ovsdb(self) -> None:
         conf = self.dir / "conf.db"
         run("ovsdb-tool", "create", str(conf), SCHEMA)
-        log = open(self.dir / "ovsdb.log", "w")
-        self.stack.callback(log.close)
+        log = self.stack.enter_context(open(self.dir / "ovsdb.log", "w"))  # noqa: SIM115
         spawn(self.stack, ["ovsdb-server", str(conf), f"--remote=punix:{self.dir}/db.sock",
                            f"--pidfile={self.dir}/ovsdb.pid"],
               stdout=log, stderr=subprocess.STDOUT, env=self.env)
@@ -100,8 +100,7 @@ class OvsDpdk:
                    "other_config:pmd-cpu-mask=0x2", "other_config:dpdk-lcore-mask=0x1")
 
     def _vswitchd(self) -> None:
-        log = open(self.dir / "vswitchd.log", "w")
-        self.stack.callback(log.close)
+        log = self.stack.enter_context(open(self.dir / "vswitchd.log", "w"))  # noqa: SIM115
         self.stack.callback(shutil.rmtree, Path("/var/run/dpdk") / self.prefix, ignore_errors=True)
         self.vswitchd = subprocess.Popen(
             [VSWITCHD, self.db, f"--pidfile={self.dir}/vswitchd.pid"],

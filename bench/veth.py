@@ -34,16 +34,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Pyswitch, fmt, guard_signals, machine, need, run, save, si,  # noqa: E402
-                    stop_group, summary, table, tag, tempdir)
+from common import (
+    Pyswitch,
+    fmt,
+    guard_signals,
+    machine,
+    need,
+    run,
+    save,
+    si,
+    stop_group,
+    summary,
+    table,
+    tag,
+    tempdir,
+)
 
 TX_MAC, RX_MAC = "02:77:00:00:00:01", "02:77:00:00:00:02"
 TX_IP, RX_IP, SINK_IP = "10.77.0.1", "10.77.0.2", "10.77.0.99"
 FRAME = 64  # bytes on the wire without preamble: 60 built by trafgen + 4 FCS
 OFFLOADS = ["tx", "off", "sg", "off", "tso", "off", "gso", "off", "gro", "off"]
-TRAFGEN_CONF = (
-    "{ eth(da=%s, sa=%s), ipv4(saddr=%s, daddr=%s, ttl=64), udp(sp=9, dp=9), fill(0, 18) }\n"
-    % (RX_MAC, TX_MAC, TX_IP, SINK_IP)
+TRAFGEN_CONF = (  # 14 + 20 + 8 + 18 = 60 bytes
+    f"{{ eth(da={RX_MAC}, sa={TX_MAC}), ipv4(saddr={TX_IP}, daddr={SINK_IP}, ttl=64), "
+    "udp(sp=9, dp=9), fill(0, 18) }\n"
 )
 
 

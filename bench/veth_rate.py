@@ -24,7 +24,7 @@ from pathlib import Path
 from pyswitch.ports.veth import VethPort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stop_group  # noqa: E402
+from common import stop_group
 
 FRAME = bytes.fromhex("02000000cc0202000000cc0188b5") + b"A" * 46  # 60 bytes + FCS = 64
 

@@ -31,16 +31,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from common import (Pyswitch, fmt, guard_signals, machine, need, save, si,  # noqa: E402
-                    summary, table, tag, tempdir)
-from ovs import OvsDpdk  # noqa: E402
-from tests.peers.testpmd import Testpmd  # noqa: E402  (the test suite's testpmd driver)
+from common import (
+    Pyswitch,
+    fmt,
+    guard_signals,
+    machine,
+    need,
+    save,
+    si,
+    summary,
+    table,
+    tag,
+    tempdir,
+)
+from ovs import OvsDpdk
+
+from tests.peers.testpmd import Testpmd  # the test suite's testpmd driver, reused
 
 SIZES = (64, 1518)
 BACKENDS = ("pyswitch flows", "pyswitch NORMAL", "DPDK vhost")
