@@ -493,3 +493,22 @@ def test_transmitq_hostile_chains_cost_bounded_work_per_batch(ram, monkeypatch):
             break
     assert got == [expect] * 32 and vq.pending() == 0
     mem.close()
+
+
+@pytest.mark.parametrize("split", ["together", "apart", "indirect"])
+def test_guest_cannot_change_a_frame_after_it_was_popped(ram, split):
+    """A frame is classified (flows, VLAN) after pop_frames and copied out later: what the
+    switch got must not follow later guest writes (a double fetch would let a guest slip
+    a frame past a flow rule or a VLAN check)."""
+    dq, vq, mem = make(ram, size=32)
+    dq.send_frame(FRAME, split)
+    frames, heads = [], []
+    assert vq.pop_frames(32, frames, heads) == 0
+    for r in ram.regions:  # the guest rewrites its buffer behind the switch's back
+        at = r.map.find(FRAME)
+        while at >= 0:
+            r.map[at:at + len(FRAME)] = bytes(len(FRAME))
+            at = r.map.find(FRAME)
+    assert bytes(frames[0]) == FRAME
+    frames.clear()
+    mem.close()

@@ -180,7 +180,8 @@ class VhostUserPort(Port):
     def receive(self, max_frames: int = MAX_BURST) -> Sequence[Frame]:
         """Frames the guest transmitted (header stripped), at most ``max_frames``.
 
-        Views over guest memory, valid until :meth:`release`.  Bad chains are
+        Copies taken once from guest memory (a guest cannot change a frame after the
+        switch classified it); the descriptors go back to the guest at :meth:`release`.  Bad chains are
         returned to the guest and counted as ``bad_descriptor``; a disabled
         transmitq is drained and its frames discarded (vhost-user.rst, ring states).
         """

@@ -238,9 +238,11 @@ class Virtqueue:
     def pop_frames(self, max_n: int, frames: list, heads: list[int], hdr_len: int = NET_HDR_LEN) -> int:
         """Pop up to ``max_n`` chains of the guest's transmitq.
 
-        Appends each frame (without its virtio-net header; a memoryview over guest
-        memory when the frame is in one buffer, else a copied ``bytes``) to
-        ``frames`` and its head to ``heads``; the caller must :meth:`put_used` the
+        Appends each frame (without its virtio-net header) to ``frames`` as a copy
+        (``bytes``), taken once: the guest can still write its buffers, and the switch
+        classifies a frame (flows, VLANs) before it copies it out, so a view would let
+        a guest change a frame after the check (a double fetch).  Its head goes to
+        ``heads``; the caller must :meth:`put_used` the
         heads (length 0) when done with the frames.  Bad chains are put on ``heads``
         too (so the guest gets them back) but give no frame.  Returns the number of
         bad chains.  With EVENT_IDX, asks for a kick at the next entry.  The batch ends
@@ -261,7 +263,7 @@ class Virtqueue:
                 if not flags & _NOT_SIMPLE and length > hdr_len:
                     budget -= 1
                     try:
-                        frames.append(gpa(addr, length)[hdr_len:])
+                        frames.append(bytes(gpa(addr, length)[hdr_len:]))
                     except BadAddress:
                         bad += 1
                     continue
@@ -269,9 +271,9 @@ class Virtqueue:
                 segs = self.walk(head, False)
                 budget -= len(segs) + 1
                 if len(segs) == 1 and len(segs[0]) > hdr_len:
-                    frames.append(segs[0][hdr_len:])
+                    frames.append(bytes(segs[0][hdr_len:]))
                 else:
-                    frames.append(_strip_header(segs, hdr_len))
+                    frames.append(bytes(_strip_header(segs, hdr_len)))
             except BadChain:
                 bad += 1
                 budget -= size
