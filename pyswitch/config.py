@@ -14,11 +14,12 @@ Names follow Open vSwitch's database where one exists: ``tag``, ``trunks``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from .bridge import FAIL_MODES
 from .metrics import MetricsConfig, parse_metrics_config
 from .fdb import DEFAULT_AGING_TIME, DEFAULT_MAX_ENTRIES
+from .flows import PortNames
 from .port import PortError, port_type
 from .vlan import PortVlan, VlanConfigError
 
@@ -237,18 +238,26 @@ def parse_bridge(name: str, raw: Any, path: Path) -> BridgeConfig:
     return br
 
 
+def provisional_names(port_names: Iterable[str]) -> PortNames:
+    """Port numbers by the order of a bridge's ``port_names`` (1, 2, ...): they let names
+    in flow rules resolve while the rules are checked and put in canonical form; the
+    bridge parses the rules again with its real numbers.  Limitation: a port *number*
+    written in a rule is read against this order too, which is the bridge's numbering
+    only while no port below it was deleted (a canonical rule then names another port)."""
+    return PortNames.from_dict({n: i + 1 for i, n in enumerate(port_names)})
+
+
 def _flows(value: Any, port_names: list[str], path: Path) -> list[str]:
     """Validate flow strings against the bridge's port names; return canonical texts.
 
-    Port numbers here are provisional (the order of ``ports``): they only let names
-    resolve; the bridge parses the rules again with its real port numbers."""
-    from .flows import FlowSyntaxError, PortNames, format_flow, parse_flow
+    Port numbers here are provisional (:func:`provisional_names`)."""
+    from .flows import FlowSyntaxError, format_flow, parse_flow
 
     if value is None:
         return []
     if not isinstance(value, list):
         raise ConfigError(path, f"must be a list of flow strings, not {_kind(value)}")
-    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(port_names)})
+    names = provisional_names(port_names)
     out = []
     for i, text in enumerate(value):
         if not isinstance(text, str):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .bridge import DEFAULT_FLOW
+from .config import provisional_names
 from .control import ControlError
 from .flows import Flow, FlowSyntaxError, PortNames, format_flow, parse_filter, parse_flow
 from .flows.model import IN_PORT
@@ -181,7 +182,7 @@ def _bridge_flows(raw: Raw, p: dict[str, Any]) -> tuple[Raw, list[str], PortName
     flows = br.get("flows")
     if flows is None:  # the fail mode's default is what the table holds now
         flows = [] if br.get("fail_mode") == "secure" else [format_flow(DEFAULT_FLOW)]
-    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(br.get("ports", {}))})
+    names = provisional_names(br.get("ports", {}))
     return br, list(flows), names
 
 
@@ -244,7 +245,7 @@ def _drop_flows_naming(br: Raw, port: str) -> None:
     """Rules that name a port (in_port or output) go with it."""
     if not br.get("flows"):
         return
-    names = PortNames.from_dict({n: i + 1 for i, n in enumerate(br.get("ports", {}))})
+    names = provisional_names(br.get("ports", {}))
     no = names.to_number(port)
     kept = []
     for text, flow in zip(br["flows"], _parse_each(br["flows"], names)):
