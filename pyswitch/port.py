@@ -43,7 +43,7 @@ Frame = bytes | bytearray | memoryview
 #: Drop reasons, the label values of ``pyswitch_port_dropped_total{reason=...}``.
 #: A port or the bridge adds to ``PortCounters.drops[reason]``.
 DROP_REASONS = (
-    "vlan",  # frame of a VLAN the port does not carry (ingress or egress)
+    "vlan",  # received in a VLAN the port does not carry (flooding skips such ports)
     "no_buffer",  # no room in the peer's ring / socket buffer (guest receiveq empty)
     "mtu",  # frame longer than the port's MTU
     "flow",  # a flow rule dropped it
