@@ -169,7 +169,7 @@ class PacketRing:
 
     def transmit(self, frames: Sequence[Frame]) -> int:
         """Send each frame; returns how many were sent.  Oversized frames are dropped
-        one by one (``mtu``); a full socket (``no_buffer``) or a down link (``link_down``)
+        one by one (``mtu``); a full socket after retries (``tx_full``) or a down link (``link_down``)
         drops the rest of the batch (:func:`pyswitch.ports.frames.send_each`)."""
         return send_each(frames, self.sock.send, self._limit, self.counters, _tx_error_reason)
 
@@ -223,7 +223,7 @@ def _open_socket(ifname: str) -> socket.socket:
 def _tx_error_reason(exc: OSError) -> str:
     """Map a ``send()`` error to a drop reason of :data:`pyswitch.port.DROP_REASONS`."""
     if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM):
-        return "no_buffer"
+        return "tx_full"
     if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.EIO):
         return "link_down"
     if exc.errno == errno.EMSGSIZE:

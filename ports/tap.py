@@ -152,7 +152,7 @@ class TapPort(Port):
 
     def transmit(self, frames: Sequence[Frame]) -> int:
         """Write each frame to the TAP fd; returns how many were written.  Oversized
-        frames are dropped one by one (``mtu``); EAGAIN drops the rest (``no_buffer``),
+        frames are dropped one by one (``mtu``); EAGAIN after retries drops the rest (``tx_full``),
         a down device (EIO/ENETDOWN) drops the rest (``link_down``)."""
         counters = self.counters
         fd = self._fd
@@ -181,7 +181,7 @@ def _tx_error_reason(exc: OSError) -> str:
     Ethernet header, EAGAIN/ENOBUFS a full queue, anything else a down device."""
     if exc.errno == errno.EINVAL:
         return "malformed"
-    return "no_buffer" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "link_down"
+    return "tx_full" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "link_down"
 
 
 def _open_tap(ifname: str) -> int:
