@@ -122,7 +122,7 @@ def _add_port(raw: Raw, p: dict[str, Any]) -> None:
         raise ControlError("add-port needs a port name", 2)
     found = _find_port(raw, name)
     if found is not None:
-        if p.get("may_exist"):
+        if p.get("may_exist") and p.get("bridge") in (None, "", found[0]):
             return
         raise ControlError(f"port {name} already exists on bridge {found[0]}", 1)
     bname = _pick_bridge(raw, p.get("bridge"))

@@ -425,3 +425,23 @@ def test_a_port_that_failed_to_restore_does_not_block_other_changes(tmp_path, pr
         assert gone in d.errors and "tag" not in yaml.safe_load(db.read_text())["bridges"]["br0"]["ports"][gone]
     finally:
         d.close()
+
+
+def test_may_exist_add_port_on_another_bridge_is_refused(tmp_path):
+    """As ovs-vsctl: `--may-exist add-port br1 p` when p is on br0 is an error, not a
+    silent success that leaves p where it was."""
+    from pyswitch.config import parse_config
+    from pyswitch.control import ControlError
+    from pyswitch.daemon import Daemon
+
+    d = Daemon(tmp_path / "run", None, None, {"enabled": False})
+    try:
+        d.start(parse_config({"bridges": {"br0": {"ports": {"m1": {"type": "memory"}}},
+                                          "br1": {"ports": {}}}}))
+        d.dispatch("add-port", {"bridge": "br0", "port": "m1", "may_exist": True})  # same bridge: ok
+        d.dispatch("add-port", {"port": "m1", "may_exist": True})  # no bridge named: ok
+        with pytest.raises(ControlError, match="m1 already exists on bridge br0"):
+            d.dispatch("add-port", {"bridge": "br1", "port": "m1", "may_exist": True})
+        assert d.switch.port_bridge("m1") == "br0"
+    finally:
+        d.close()
