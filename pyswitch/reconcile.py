@@ -67,7 +67,10 @@ def plan(sw: Switch, old: SwitchConfig, new: SwitchConfig) -> list[Change]:
         if prev is None or prev[0] != bname or not _same_port(prev[1], pcfg):
             # re-created on its bridge: the same ofport, which the bridge's rules hold
             again = prev is not None and prev[0] == bname and name in sw.port_names(bname)
-            additions.append(_add_port(sw, bname, pcfg, sw.port_number(name) if again else None))
+            if again:  # first, before a new port can take its freed number
+                additions.insert(0, _add_port(sw, bname, pcfg, sw.port_number(name)))
+            else:
+                additions.append(_add_port(sw, bname, pcfg))
         elif prev[1].vlan != pcfg.vlan:
             additions.append(_set_vlan(sw, prev[1], pcfg))
     flows: list[Change] = []  # last: rules name ports that must exist by then

@@ -445,3 +445,21 @@ def test_may_exist_add_port_on_another_bridge_is_refused(tmp_path):
         assert d.switch.port_bridge("m1") == "br0"
     finally:
         d.close()
+
+
+def test_a_re_created_port_keeps_its_ofport_when_a_new_port_is_listed_first(tmp_path):
+    """`apply` of a file that lists a new port before one it re-creates: the new port must
+    not take the re-created port's freed number."""
+    from pyswitch.config import parse_config
+    from pyswitch.daemon import Daemon
+
+    d = Daemon(tmp_path / "run", None, None, {"enabled": False})
+    try:
+        d.start(parse_config({"bridges": {"br0": {"ports": {"m1": {"type": "memory"},
+                                                            "m2": {"type": "memory"}}}}}))
+        d.dispatch("apply", {"config": {"bridges": {"br0": {"ports": {
+            "m3": {"type": "memory"}, "m1": {"type": "memory", "options": {"capacity": 8}},
+            "m2": {"type": "memory"}}}}}})
+        assert [d.switch.port_number(n) for n in ("m1", "m2", "m3")] == [1, 2, 3]
+    finally:
+        d.close()
