@@ -128,7 +128,7 @@ class Switch:
             raise PortError(f"port {pcfg.name} already exists")
         br = self.bridges[bridge]
         port = port_type(pcfg.type)(pcfg.name, pcfg.options)
-        retired = self._retired.pop(pcfg.name, None)
+        retired = self._retired.get(pcfg.name)
         if retired is not None:  # a port's counters belong to its name: they never go back
             port.counters = retired
         port.open()
@@ -137,6 +137,7 @@ class Switch:
         except BaseException:
             port.close()
             raise
+        self._retired.pop(pcfg.name, None)  # only now: a failed add keeps them for the next
         if no is None or no < 1 or no in br.ports:
             no = 1
             while no in br.ports:

@@ -134,3 +134,18 @@ def test_a_stop_before_run_is_not_lost():
         assert time.monotonic() - t0 >= 0.04
     finally:
         loop.close()
+
+
+def test_counters_survive_a_re_add_that_fails(sw):
+    """A re-add that fails (here: a veth of that name with no interface) must not lose the
+    counters kept for the name; the undo that adds the port back continues them."""
+    from pyswitch.config import PortConfig
+    from pyswitch.port import PortError
+
+    sw.port("m1").inject([frame(BCAST, mac(1))] * 3)
+    pump(sw)
+    sw.del_port("m1")
+    with pytest.raises(PortError):
+        sw.add_port("br0", PortConfig("m1", "veth", {"existing": "true"}))
+    sw.add_port("br0", PortConfig("m1", "memory"))
+    assert sw.port("m1").counters.rx_packets == 3
