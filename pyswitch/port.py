@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 MAX_BURST = 32
 
 #: A frame on the data path: a whole Ethernet frame without FCS.  A port may hand the
-#: switch memoryviews over memory it owns (guest buffers, ring slots); they are valid
-#: only until the port's ``release()`` is called.
+#: switch memoryviews over memory that only it can write until ``release()`` (an
+#: AF_PACKET ring slot the kernel has handed over); they are valid until then.  Memory
+#: another party can still write (a guest's buffers) must be copied once on receive:
+#: the switch classifies a frame before it copies it out (no double fetch).
 Frame = bytes | bytearray | memoryview
 
 #: Drop reasons, the label values of ``pyswitch_port_dropped_total{reason=...}``.

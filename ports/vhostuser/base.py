@@ -271,9 +271,10 @@ class VhostUserPort(Port):
             self.vhost_stats["notifications_suppressed"] += 1
 
     def transmit(self, frames: Sequence[Frame]) -> int:
-        """Copy ``frames`` into the guest's enabled receiveqs; returns frames taken
-        (sent or dropped as ``mtu``/``bad_descriptor``); the rest are ``no_buffer``
-        drops (``link_down`` if no receiveq is started and enabled)."""
+        """Copy ``frames`` into the guest's enabled receiveqs; returns how many were
+        sent (pyswitch.port's contract).  The others are counted as drops: ``mtu``,
+        ``bad_descriptor``, ``no_buffer`` (no receive buffer), ``link_down`` (no
+        receiveq started and enabled)."""
         if not frames:
             return 0
         rx = self._rx
@@ -288,10 +289,10 @@ class VhostUserPort(Port):
             groups: list[tuple[Vring, Sequence[Frame]]] = [(rx[0], frames)]
         else:
             groups = _spread(rx, frames)
-        taken = oversize
+        sent = 0
         for ring, group in groups:
-            taken += self._fill(ring, group)
-        return taken
+            sent += self._fill(ring, group)
+        return sent
 
     def _fill(self, ring: Vring, frames: Sequence[Frame]) -> int:
         q = ring.queue
@@ -310,7 +311,7 @@ class VhostUserPort(Port):
             c.drop("no_buffer", len(frames) - res.taken, rx=False)
         if res.sent or res.bad or res.too_big:
             self._notify(ring, res.notify)
-        return res.taken
+        return res.sent
 
     # -- operator views -----------------------------------------------------------------
     def link_state(self) -> str:
