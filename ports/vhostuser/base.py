@@ -281,10 +281,8 @@ class VhostUserPort(Port):
         if not rx:
             self.counters.drop("link_down", len(frames), rx=False)
             return 0
-        oversize = 0
         if max(map(len, frames)) > self._limit:
-            kept = self._drop_oversize(frames, rx=False)
-            oversize, frames = len(frames) - len(kept), kept
+            frames = self._drop_oversize(frames, rx=False)
         if len(rx) == 1:
             groups: list[tuple[Vring, Sequence[Frame]]] = [(rx[0], frames)]
         else:
