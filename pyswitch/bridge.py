@@ -250,27 +250,28 @@ class Bridge:
                 self.stats.floods += 1
             elif dst == inp.no:
                 return  # learned on the ingress port: the destination already has it
-            else:
+            else:  # known unicast: one port, no target list
                 form = self.ports[dst].vlan.egress(vlan)
                 if form == NOT_CARRIED:
                     return
-                targets = [(dst, form)]
                 self.stats.forwarded += 1
-        untagged: Frame | None = None
+                f = _egress_frame(frame, tci, vid, vlan, form)
+                lst = out.get(dst)
+                if lst is None:
+                    out[dst] = [f]
+                else:
+                    lst.append(f)
+                return
+        untagged: Frame | None = None  # each form is made once, shared by its ports
         tagged: Frame | None = None
         for no, form in targets:
             if form == UNTAGGED:
                 if untagged is None:
-                    untagged = frame if tci is None else strip_tag(frame)
+                    untagged = _egress_frame(frame, tci, vid, vlan, form)
                 f = untagged
             else:
                 if tagged is None:
-                    if tci is None:
-                        tagged = push_tag(frame, vlan)
-                    elif vid == vlan:
-                        tagged = frame
-                    else:
-                        tagged = set_vid(frame, vlan)
+                    tagged = _egress_frame(frame, tci, vid, vlan, form)
                 f = tagged
             lst = out.get(no)
             if lst is None:
@@ -298,3 +299,12 @@ class Bridge:
         self.fdb.expire(now)
         return self.flows.expire(now)
 
+
+def _egress_frame(frame: Frame, tci: int | None, vid: int | None, vlan: int, form: int) -> Frame:
+    """``frame`` as it leaves a port that wants ``form`` (UNTAGGED or TAGGED) for ``vlan``:
+    the frame itself when it already has that form, else a copy with the tag edited."""
+    if form == UNTAGGED:
+        return frame if tci is None else strip_tag(frame)
+    if tci is None:
+        return push_tag(frame, vlan)
+    return frame if vid == vlan else set_vid(frame, vlan)
