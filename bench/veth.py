@@ -14,7 +14,8 @@ peers, see ports/README.md), so all three carry the same frames.
 UDP: `trafgen` in the sender sends 64-byte frames (60 + FCS) to the receiver's MAC as
 fast as it can; the rate is the receiver's `rx_packets` over `--seconds`, after 0.5 s of
 warm-up. The destination IP (10.77.0.99) is not the receiver's, so its stack drops the
-frames without answering. TCP: `iperf3 -t SECONDS`, receiver-side bits/s.
+frames without answering. TCP: `iperf3 -t SECONDS`, receiver-side bits/s; TCP runs come
+first. Last, 5 pings through each path say whether it still forwards after the UDP flood.
 Runs are interleaved (each rep measures every set-up) and summarised as median (range).
 CPUs (default): the generators (trafgen, both iperf3 ends) on CPU 0, pyswitch on CPU 1;
 the kernel's forwarding runs in the sender's softirq, on CPU 0. `--no-pin` pins nothing.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -159,8 +161,8 @@ def udp_rate(s: Setup, conf: Path, seconds: float, cpu: int | None) -> dict[str,
 
 
 def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float | None:
-    """iperf3 from sender to receiver: the receiver's bits/s; None if it stalled (no result
-    `seconds` + 8 s after the start)."""
+    """iperf3 from sender to receiver: the receiver's bits/s; None if the run failed (an
+    iperf3 error, or no result `seconds` + 8 s after the start: TCP stalled)."""
     server = subprocess.Popen(
         pinned(cpu, ["ip", "netns", "exec", s.rx_ns, "iperf3", "-s", "-1", "-B", RX_IP]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -173,30 +175,49 @@ def tcp_rate(s: Setup, seconds: float, cpu: int | None) -> float | None:
         argv = pinned(cpu, ["ip", "netns", "exec", s.tx_ns, "iperf3", "-c", RX_IP,
                             "-t", str(int(seconds)), "--connect-timeout", "3000", "-J"])
         try:
-            out = run(*argv, timeout=seconds + 8)
+            out = run(*argv, timeout=seconds + 8, check=False)
         except subprocess.TimeoutExpired:
+            print(f"  iperf3 through {s.name}: no result in {seconds + 8:g} s", file=sys.stderr)
             return None
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+        try:
+            return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+        except (ValueError, KeyError):
+            why = " ".join(out.split())[-300:] or "no output"
+            print(f"  iperf3 through {s.name} failed: {why}", file=sys.stderr)
+            return None
     finally:
         server.kill()
         server.wait(5)
 
 
+def pings_after(s: Setup) -> int:
+    """Replies to 5 pings (0.2 s apart, 1 s wait) from sender to receiver."""
+    out = run("ip", "netns", "exec", s.tx_ns, "ping", "-c", "5", "-i", "0.2", "-W", "1", RX_IP,
+              check=False, timeout=15)
+    match = re.search(r"(\d+) received", out)
+    return int(match.group(1)) if match else 0
+
+
 def measure(setups: list[Setup], conf: Path, args: argparse.Namespace) -> dict[str, dict]:
-    """Interleaved reps of UDP then TCP over every set-up; {name: {"udp": [...], "tcp": [...]}}."""
+    """Interleaved reps of TCP, then of UDP, over every set-up, then 5 pings through each
+    (does the path still forward after the flood?); {name: {"tcp", "udp", "pings_after"}}.
+    TCP comes first so that a path the UDP flood leaves broken still gets its TCP figure."""
     gen_cpu = None if args.no_pin else 0
     raw: dict[str, dict] = {s.name: {"udp": [], "tcp": []} for s in setups}
+    for rep in range(args.reps):
+        for s in setups:
+            bits = tcp_rate(s, args.seconds, gen_cpu)
+            raw[s.name]["tcp"].append(bits)
+            shown = "failed" if bits is None else si(bits, "bit/s")
+            print(f"  rep {rep + 1} {s.name}: tcp {shown}", file=sys.stderr)
     for rep in range(args.reps):
         for s in setups:
             raw[s.name]["udp"].append(udp_rate(s, conf, args.seconds, gen_cpu))
             print(f"  rep {rep + 1} {s.name}: udp {si(raw[s.name]['udp'][-1]['rx_pps'], 'pps')}",
                   file=sys.stderr)
-    for rep in range(args.reps):
-        for s in setups:
-            bits = tcp_rate(s, args.seconds, gen_cpu)
-            raw[s.name]["tcp"].append(bits)
-            shown = "stalled" if bits is None else si(bits, "bit/s")
-            print(f"  rep {rep + 1} {s.name}: tcp {shown}", file=sys.stderr)
+    time.sleep(1.0)
+    for s in setups:
+        raw[s.name]["pings_after"] = pings_after(s)
     return raw
 
 
@@ -216,22 +237,23 @@ def report(raw: dict[str, dict], args: argparse.Namespace) -> tuple[str, dict]:
                      "udp_rx_bits": summary(x["rx_pps"] * FRAME * 8 for x in r["udp"]),
                      "udp_offered_pps": summary(x["offered_pps"] for x in r["udp"]),
                      "tcp_bits": summary(b for b in r["tcp"] if b is not None),
-                     "tcp_stalled": sum(b is None for b in r["tcp"])}
+                     "tcp_failed": sum(b is None for b in r["tcp"]),
+                     "pings_after_udp": r["pings_after"]}
     ps = res["pyswitch"]
     rows = []
     for name, r in res.items():
         tcp = fmt(r["tcp_bits"], "bit/s") if r["tcp_bits"]["runs"] else "-"
-        if r["tcp_stalled"]:
-            tcp += f", {r['tcp_stalled']}/{args.reps} stalled"
+        if r["tcp_failed"]:
+            tcp += f", {r['tcp_failed']}/{args.reps} failed"
         rows.append([name, fmt(r["udp_rx_pps"], "pps"), fmt(r["udp_rx_bits"], "bit/s"),
                      si(r["udp_offered_pps"]["median"], "pps"), tcp,
                      ratio(ps["udp_rx_pps"], r["udp_rx_pps"]),
-                     ratio(ps["tcp_bits"], r["tcp_bits"])])
+                     ratio(ps["tcp_bits"], r["tcp_bits"]), f"{r['pings_after_udp']}/5"])
     head = (f"veth: 64-byte UDP frames (trafgen) and TCP (iperf3), {args.seconds:g} s x "
             f"{args.reps} runs, median (min-max); CPUs: "
             + ("none pinned" if args.no_pin else "generators on 0, pyswitch on 1"))
     header = ["path", "UDP rx", "UDP rx (64 B)", "offered", "TCP", "pyswitch/this UDP",
-              "pyswitch/this TCP"]
+              "pyswitch/this TCP", "pings after"]
     return head + "\n" + table(header, rows), res
 
 
