@@ -10,7 +10,7 @@ Contract of `OvsDpdk(stack, workdir)`:
 - `pause()` / `resume()`: SIGSTOP / SIGCONT ovs-vswitchd, so its PMD thread, which spins
   on a whole CPU while running, does not compete with the other back ends' measurements.
 - Undo, registered on `stack` before each step: the processes are continued, terminated
-  (killed after 10 s), the bridge's internal TAP interface deleted, DPDK's runtime directory (own --file-prefix) removed, hugetlbfs unmounted if it was mounted here and `nr_hugepages` set
+  (killed after 10 s), the TAP interfaces it made (the bridge's, `ovs-netdev`) deleted, DPDK's runtime directory (own --file-prefix) removed, hugetlbfs unmounted if it was mounted here and `nr_hugepages` set
   back to its previous value (0 on these machines). Never leave OVS running.
 """
 
@@ -53,6 +53,8 @@ class OvsDpdk:
         # the netdev bridge's internal port is a TAP that outlives ovs-vswitchd: delete it
         # after vswitchd has stopped (callbacks run in reverse order)
         self.stack.callback(run, "ip", "link", "del", bridge, check=False)
+        if not Path("/sys/class/net/ovs-netdev").exists():  # the netdev datapath's own TAP
+            self.stack.callback(run, "ip", "link", "del", "ovs-netdev", check=False)
         self._vswitchd()
         self.vsctl("add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev")
         for port in ports:
