@@ -21,6 +21,7 @@ Transmit is one ``send()`` per frame on the same non-blocking socket.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import socket
 import struct
@@ -68,6 +69,12 @@ def frame_slot_size(mtu: int) -> int:
     return size
 
 
+log = logging.getLogger(__name__)
+
+#: Slots after an empty reader's slot looked at for frames (see PacketRing._resync).
+RESYNC_LOOKAHEAD = 8
+
+
 class PacketRing:
     """A non-blocking AF_PACKET socket bound to ``ifname`` with a TPACKET_V2 RX ring.
 
@@ -84,6 +91,8 @@ class PacketRing:
         self._limit = mtu + 14
         self._held: list[int] = []
         self._head = 0
+        self._suspect = False  # the reader's slot was empty with a frame after it
+        self.resyncs = 0  # times the reader skipped slots the kernel left empty
         self.sock = _open_socket(ifname)
         try:
             self._setup_ring(ring_bytes)
@@ -122,6 +131,10 @@ class PacketRing:
             self._slots,
         )
         held, head, limit = self._held, self._head, self._limit
+        if not unpack(mv, head * slot)[0] & TP_STATUS_USER:
+            head = self._resync(head)
+            if head < 0:
+                return []
         out: list[Frame] = []
         nbytes = oversize = 0
         lost = False
@@ -159,6 +172,29 @@ class PacketRing:
         if lost:
             self.poll_kernel_drops()
         return out
+
+    def _resync(self, head: int) -> int:
+        """The reader's slot is empty.  Usually the ring is just drained; but the kernel
+        may have moved on past a slot it never filled (seen after floods), and then
+        nothing would ever be read again while the fd stays readable.  If one of the
+        next ``RESYNC_LOOKAHEAD`` slots holds a frame on two looks in a row (the first
+        may catch a slot still being filled on another CPU), skip to it; a frame that
+        lands in the skipped slot later is read when the reader comes round.  Returns
+        the slot to read from, or -1 for nothing to read."""
+        nslots, slot, mv = self._slots, self._slot, self._mv
+        for k in range(1, min(RESYNC_LOOKAHEAD, nslots)):
+            nxt = (head + k) % nslots
+            if mv[nxt * slot] & TP_STATUS_USER:  # status is little-endian: low byte
+                if not self._suspect:
+                    self._suspect = True
+                    return -1
+                self._suspect = False
+                self.resyncs += 1
+                log.warning("%s: AF_PACKET ring out of step: skipped %d empty slot(s)",
+                            self.ifname, k)
+                return nxt
+        self._suspect = False
+        return -1
 
     def release(self) -> None:
         """Give every slot handed out since the last release back to the kernel."""
