@@ -353,7 +353,9 @@ class Device:
         ring.queue, ring.started, ring.polled, ring.kicked = None, False, False, False
         self._close_kick(ring)
 
-    def set_vring_kick(self, msg: p.Message) -> None:
+    def _vring_fd(self, msg: p.Message) -> tuple[Vring, int | None]:
+        """The ring and the eventfd (None: no fd, the ring is polled) of a
+        SET_VRING_KICK/CALL/ERR; DeviceError, with the fd closed, if either is wrong."""
         index, fd = p.parse_vring_fd(msg)
         try:
             ring = self._ring(index)
@@ -362,6 +364,10 @@ class Device:
             if fd is not None:
                 os.close(fd)
             raise
+        return ring, fd
+
+    def set_vring_kick(self, msg: p.Message) -> None:
+        ring, fd = self._vring_fd(msg)
         self._close_kick(ring)
         ring.kick_fd, ring.polled = fd, fd is None
         if fd is not None:
@@ -385,14 +391,7 @@ class Device:
         return None
 
     def _set_fd(self, msg: p.Message, name: str) -> None:
-        index, fd = p.parse_vring_fd(msg)
-        try:
-            ring = self._ring(index)
-            _require_eventfd(fd, msg)
-        except DeviceError:
-            if fd is not None:
-                os.close(fd)
-            raise
+        ring, fd = self._vring_fd(msg)
         old = getattr(ring, name)
         if old is not None:
             os.close(old)
