@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -473,48 +476,64 @@ def test_reconnects_leak_no_file_descriptors(server):
     assert server.port.vhost_stats["connections"] == 10
 
 
-def test_client_connect_never_blocks_on_a_full_backlog(tmp_path):
-    """A server that listens but does not accept (a hung QEMU, a stray process): once its
-    backlog is full, a blocking unix connect() waits forever -- in the switch's loop.
-    The client port must return at once and retry later."""
-    import signal
-
-    path = str(tmp_path / "busy.sock")
+@contextmanager
+def busy_listener(path: str) -> Iterator[None]:
+    """A unix socket that listens on ``path`` but never accepts, its backlog full: a
+    blocking connect() to it waits forever."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(0)
     fillers = []
-    while True:  # fill the backlog
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        fillers.append(s)
-        try:
-            s.connect(path)
-        except BlockingIOError:
-            break
-
-    class Blocked(Exception):
-        pass
-
-    def timeout(_sig, _frame):
-        raise Blocked("the client port's connect() blocked the loop")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.setitimer(signal.ITIMER_REAL, 2.0)
-    h = None
     try:
-        h = Harness(VhostUserClientPort("pst" + secrets.token_hex(3), {"vhost-server-path": path}))
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        assert h.port.conn is None  # not connected, a retry is scheduled
-        assert h.call(lambda: h.port.link_state()) == "down"
+        while True:  # fill the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if h is not None:
-            h.close()
         for s in fillers:
             s.close()
         listener.close()
+
+
+class Blocked(Exception):
+    pass
+
+
+@contextmanager
+def must_not_block(what: str, seconds: float = 2.0) -> Iterator[None]:
+    """Fail with ``Blocked(what)`` if the body is still running after ``seconds``."""
+    def timeout(_sig, _frame):
+        raise Blocked(what)
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_client_connect_never_blocks_on_a_full_backlog(tmp_path):
+    """A server that listens but does not accept (a hung QEMU, a stray process): once its
+    backlog is full, a blocking unix connect() waits forever -- in the switch's loop.
+    The client port must return at once and retry later."""
+    path = str(tmp_path / "busy.sock")
+    h = None
+    with busy_listener(path):
+        try:
+            with must_not_block("the client port's connect() blocked the loop"):
+                h = Harness(VhostUserClientPort("pst" + secrets.token_hex(3), {"vhost-server-path": path}))
+            assert h.port.conn is None  # not connected, a retry is scheduled
+            assert h.call(lambda: h.port.link_state()) == "down"
+        finally:
+            if h is not None:
+                h.close()
 
 
 def test_close_mid_message_leaks_no_fd(tmp_path, ram):
@@ -593,37 +612,8 @@ def test_corrupt_receiveq_avail_index_stops_that_ring(server, fe, ram):
 def test_socket_in_use_by_a_server_that_does_not_accept_is_refused_at_once(tmp_path):
     """open() probes an existing socket path to tell a stale file from a live server; the
     probe must not wait on a live server whose backlog is full (it would hold the loop)."""
-    import signal
-
     path = str(tmp_path / "p1")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(0)
-    fillers = []
-    while True:  # fill the backlog
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        fillers.append(s)
-        try:
-            s.connect(path)
-        except BlockingIOError:
-            break
-
-    class Blocked(Exception):
-        pass
-
-    def timeout(_sig, _frame):
-        raise Blocked("the stale-socket probe blocked")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.setitimer(signal.ITIMER_REAL, 2.0)
-    try:
+    with busy_listener(path), must_not_block("the stale-socket probe blocked"):
         with pytest.raises(PortError, match="in use"):
             VhostUserServerPort("p1", {"vhost-sock-dir": str(tmp_path)}).open()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        for s in fillers:
-            s.close()
-        listener.close()
     assert os.path.exists(path)  # a live server's socket is left alone
