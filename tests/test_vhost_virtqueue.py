@@ -6,6 +6,7 @@ import pytest
 
 from pyswitch.ports.vhostuser.memory import BadAddress
 from pyswitch.ports.vhostuser.virtqueue import NET_HDR, BadChain, Virtqueue
+from pyswitch.ports.vhostuser import virtqueue as vqmod
 from tests.vhost_frontend import F_INDIRECT, F_NEXT, F_WRITE, DriverQueue, GuestRAM
 
 FRAME = bytes(range(64)) * 2  # 128-byte frame
@@ -24,6 +25,23 @@ def make(ram, size=16, event_idx=False, region=0):
     a = dq.addr(0)
     vq = Virtqueue(mem, size, a.desc, a.avail, a.used, event_idx=event_idx)
     return dq, vq, mem
+
+
+def count_fetches(monkeypatch) -> list[int]:
+    """Count descriptor fetches from here on: element 0 of the returned list."""
+    fetches = [0]
+    real = vqmod.DESC
+
+    class Counting:  # DESC with a count of descriptor fetches
+        size = real.size
+
+        @staticmethod
+        def unpack_from(buffer, offset=0):
+            fetches[0] += 1
+            return real.unpack_from(buffer, offset)
+
+    monkeypatch.setattr(vqmod, "DESC", Counting)
+    return fetches
 
 
 def pop(vq, n=32):
@@ -264,8 +282,6 @@ def test_notify_decision_reads_the_driver_flag_after_a_full_fence(ram, monkeypat
     sees no new used entry while we see its old "no interrupt" -- a lost call, a stalled
     guest (Linux vhost has smp_mb() before both reads).  The race itself cannot be
     forced in a test; this checks the fence is taken on both paths, before the read."""
-    from pyswitch.ports.vhostuser import virtqueue as vqmod
-
     dq, vq, mem = make(ram, event_idx=event_idx)
     dq.post_rx_buffers(1)
     seen = []
@@ -422,8 +438,6 @@ def test_receiveq_hostile_chains_cost_bounded_work(ram, monkeypatch):
     empty buffers.  With MRG_RXBUF one 1500-byte frame would walk every head to its end:
     N * N descriptor fetches per transmit (2^30 with N = 32768), all on the switch's one
     thread.  The work per fill is bounded by a few ring's worth of descriptors."""
-    from pyswitch.ports.vhostuser import virtqueue as vqmod
-
     n = 256
     dq, vq, mem = make(ram, size=n)
     buf = ram.alloc(n)
@@ -431,23 +445,11 @@ def test_receiveq_hostile_chains_cost_bounded_work(ram, monkeypatch):
         dq.write_desc(i, buf + i, 0, F_WRITE | (F_NEXT if i < n - 1 else 0), i + 1)
     dq.make_available([0] * n)
 
-    fetches = 0
-    real = vqmod.DESC
-
-    class Counting:  # DESC with a count of descriptor fetches
-        size = real.size
-
-        @staticmethod
-        def unpack_from(buffer, offset=0):
-            nonlocal fetches
-            fetches += 1
-            return real.unpack_from(buffer, offset)
-
-    monkeypatch.setattr(vqmod, "DESC", Counting)
+    fetches = count_fetches(monkeypatch)
     res = vq.fill_frames([bytes(1500)], mergeable=True)
     assert res.sent == 0 and res.taken == 0  # never enough room: not taken, nothing consumed
     assert vq.pending() == n
-    assert fetches <= 8 * n, f"{fetches} descriptor fetches for one frame on a ring of {n}"
+    assert fetches[0] <= 8 * n, f"{fetches[0]} descriptor fetches for one frame on a ring of {n}"
     mem.close()
 
 
@@ -456,8 +458,6 @@ def test_transmitq_hostile_chains_cost_bounded_work_per_batch(ram, monkeypatch):
     32 * N descriptors (65536 with QEMU's largest ring) before the loop serves anyone
     else.  A batch stops once its walk budget is spent; the heads it did not reach stay
     on the ring (none lost) and the next batches take them."""
-    from pyswitch.ports.vhostuser import virtqueue as vqmod
-
     n = 256
     dq, vq, mem = make(ram, size=n)
     buf = ram.alloc(2 * n)
@@ -468,25 +468,13 @@ def test_transmitq_hostile_chains_cost_bounded_work_per_batch(ram, monkeypatch):
     dq.make_available([0] * 32)
     expect = bytes(ram.read(buf + 13, n - 1))
 
-    fetches = 0
-    real = vqmod.DESC
-
-    class Counting:  # DESC with a count of descriptor fetches
-        size = real.size
-
-        @staticmethod
-        def unpack_from(buffer, offset=0):
-            nonlocal fetches
-            fetches += 1
-            return real.unpack_from(buffer, offset)
-
-    monkeypatch.setattr(vqmod, "DESC", Counting)
+    fetches = count_fetches(monkeypatch)
     got = []
     for _ in range(32):
-        fetches = 0
+        fetches[0] = 0
         frames, heads, bad = pop(vq)
         assert bad == 0 and len(frames) == len(heads) >= 1
-        assert fetches <= 4 * n, f"{fetches} descriptor fetches in one batch on a ring of {n}"
+        assert fetches[0] <= 4 * n, f"{fetches[0]} descriptor fetches in one batch on a ring of {n}"
         got += frames
         vq.put_used([(h, 0) for h in heads])
         if len(got) == 32:
