@@ -33,7 +33,7 @@ from typing import Callable
 
 from . import protocol as p
 from .memory import BadAddress, GuestMemory
-from .virtqueue import MAX_QUEUE_SIZE, Virtqueue
+from .virtqueue import MAX_QUEUE_SIZE, Virtqueue, new_virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class Device:
             raise DeviceError("memory table, ring size or ring addresses missing")
         a = ring.addr
         try:
-            return Virtqueue(self.memory, ring.num, a.desc, a.avail, a.used,
+            return new_virtqueue(self.memory, ring.num, a.desc, a.avail, a.used,
                              last_avail_idx=ring.base, event_idx=self.event_idx)
         except (BadAddress, ValueError) as exc:
             raise DeviceError(str(exc)) from exc

@@ -37,6 +37,8 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+from pyswitch import fastpath
+
 from .memory import BadAddress, GuestMemory
 
 DESC = struct.Struct("<QIHH")
@@ -371,6 +373,15 @@ class Virtqueue:
                 used.append((head, 0))
                 return []
         return chains
+
+
+def new_virtqueue(mem: GuestMemory, size: int, desc: int, avail: int, used: int, *,
+                  last_avail_idx: int = 0, event_idx: bool = False) -> Virtqueue:
+    """A virtqueue of the data path that runs: the compiled kernel's (same interface,
+    ``pyswitch.fastpath._vring``) or this module's :class:`Virtqueue`."""
+    kernel = fastpath.kernel("_vring")
+    cls = Virtqueue if kernel is None else kernel.Virtqueue
+    return cls(mem, size, desc, avail, used, last_avail_idx=last_avail_idx, event_idx=event_idx)
 
 
 def _walk_budget(size: int, frames: int) -> int:
