@@ -101,6 +101,8 @@ VHOST_COUNTER_HELP = {
     "tx_disabled_discards": "Frames for the guest discarded while its queues were "
                             "not enabled.",
     "broken_rings": "Rings stopped because the guest broke the ring protocol.",
+    "protocol_errors": "vhost-user messages refused (malformed, out of order, bad fds "
+                       "or memory) and rings that could not start.",
 }
 
 #: Upper bounds of the batch size histogram buckets (frames per received batch).

@@ -49,7 +49,7 @@ class VhostUserPort(Port):
         self.io: PortIO | None = None
         self.conn: socket.socket | None = None
         self._reader = p.MessageReader()
-        self.device = Device(before_close_kick=self._unwatch_kick)
+        self.device = Device(before_close_kick=self._unwatch_kick, on_refused=self._refused)
         self._kick_watch: dict[int, int] = {}  # kick fd -> vring index
         self._pending: list[tuple[Vring, list[int]]] = []  # TX heads awaiting release()
         self._tx: list[Vring] = []  # started TX rings
@@ -60,7 +60,7 @@ class VhostUserPort(Port):
         self.vhost_stats: dict[str, int] = {
             "connections": 0, "reconnects": 0, "disconnects": 0, "kicks": 0,
             "notifications_sent": 0, "notifications_suppressed": 0,
-            "tx_disabled_discards": 0, "broken_rings": 0,
+            "tx_disabled_discards": 0, "broken_rings": 0, "protocol_errors": 0,
         }
 
     @classmethod
@@ -98,6 +98,12 @@ class VhostUserPort(Port):
         self.vhost_stats["disconnects"] += 1
         self._after_disconnect()
 
+    def _refused(self, why: str) -> None:
+        """A request refused, a malformed message, or a ring that cannot start: the
+        front end broke the protocol (or we cannot honour it).  Logged and counted."""
+        self.vhost_stats["protocol_errors"] += 1
+        log.warning("%s: vhost-user %s", self.name, why)
+
     def _after_disconnect(self) -> None:
         """Role-specific: wait for the next front end (server) or reconnect (client)."""
 
@@ -107,7 +113,11 @@ class VhostUserPort(Port):
             return
         try:
             messages = self._reader.read(self.conn)
-        except p.ProtocolError as exc:
+        except p.Disconnected as exc:
+            self._disconnect(str(exc))
+            return
+        except p.ProtocolError as exc:  # a bad header, or EOF inside a message
+            self._refused(f"message refused: {exc}")
             self._disconnect(str(exc))
             return
         for i, msg in enumerate(messages):
@@ -117,10 +127,14 @@ class VhostUserPort(Port):
                 reply = self.device.handle(msg)
                 if reply is not None:
                     p.send_message(self.conn, reply)
-            except (FatalDeviceError, p.Disconnected) as exc:
+            except FatalDeviceError as exc:
+                self._refused(f"{exc}: connection dropped")
+                reason = str(exc)
+            except p.Disconnected as exc:
                 reason = str(exc)
             except Exception as exc:  # a bug on hostile input must cost the connection only
                 log.exception("%s: vhost-user %s failed", self.name, msg.name())
+                self.vhost_stats["protocol_errors"] += 1
                 reason = f"internal error on {msg.name()}: {exc}"
             else:
                 continue

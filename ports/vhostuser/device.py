@@ -151,10 +151,14 @@ class Device:
         self,
         max_queue_pairs: int = MAX_QUEUE_PAIRS,
         before_close_kick: Callable[[int], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
-        """``before_close_kick(fd)`` runs before a kick fd is closed (the port unwatches it)."""
+        """``before_close_kick(fd)`` runs before a kick fd is closed (the port unwatches it);
+        ``on_refused(why)`` for every request refused and every ring that cannot start
+        (the port logs it with its name and counts a protocol error)."""
         self.max_queue_pairs = max_queue_pairs
         self._before_close_kick = before_close_kick or (lambda fd: None)
+        self._on_refused = on_refused or (lambda why: log.warning("vhost-user %s", why))
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
@@ -202,7 +206,7 @@ class Device:
         except (DeviceError, p.InvalidMessage) as exc:
             if isinstance(exc, FatalDeviceError) or msg.request in ALWAYS_REPLY:
                 raise FatalDeviceError(f"{msg.name()}: {exc}") from exc
-            log.warning("vhost-user %s failed: %s", msg.name(), exc)
+            self._on_refused(f"{msg.name()} refused: {exc}")
             if ack:
                 return p.encode_u64_reply(msg.request, 1)
             return None
@@ -310,7 +314,7 @@ class Device:
         try:
             ring.queue = self._build_queue(ring)
         except DeviceError as exc:
-            log.warning("vring %d stopped after memory change: %s", ring.index, exc)
+            self._on_refused(f"vring {ring.index} stopped after memory change: {exc}")
             ring.started = False
 
     # -- rings ------------------------------------------------------------------------
@@ -427,7 +431,7 @@ class Device:
         is remembered, and the ring starts as soon as a later message completes it.
         """
         ring = self.rings[index]
-        if not ring.started:
+        if not ring.started and not ring.kicked:  # a repeated kick changes nothing
             ring.kicked = not self.start_ring(ring)
         return ring
 
@@ -446,7 +450,7 @@ class Device:
         try:
             ring.queue = self._build_queue(ring)
         except DeviceError as exc:
-            log.warning("vring %d cannot start: %s", ring.index, exc)
+            self._on_refused(f"vring {ring.index} cannot start: {exc}")
             return False
         ring.started = True
         return True
