@@ -14,6 +14,12 @@ Access: the socket file is created mode 0600 (root only), or 0660 with a group; 
 peer's credentials (SO_PEERCRED) are checked as well: root, the daemon's own user, or a
 member of the configured group.  Requests are bounded (1 MiB) and malformed ones get an
 error reply, never a crash.
+
+Replies never block the event loop (which also forwards frames): a reply is sent
+without waiting; what the client's socket cannot take at once stays in the client's
+output buffer and is sent when the socket becomes writable again.  A client whose
+unsent replies pass ``MAX_OUTPUT`` bytes (it sends requests and never reads) is
+disconnected, logged and counted (``ControlServer.dropped_slow``).
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .loop import EventLoop
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
+MAX_OUTPUT = 4 << 20  # unsent reply bytes a client may have before it is disconnected
+_RECV = 16384  # bytes read per readiness event: a flood of requests cannot hog the loop
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -59,11 +68,13 @@ def control_path(rundir: Path | None = None) -> Path:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf")
+    __slots__ = ("buf", "closing", "out", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = b""
+        self.buf = bytearray()  # request bytes received, not yet a whole line
+        self.out = bytearray()  # reply bytes not yet taken by the client's socket
+        self.closing = False  # drop once ``out`` is sent (after a fatal error reply)
 
 
 class ControlServer:
@@ -78,6 +89,8 @@ class ControlServer:
         self._gid: int | None = None
         self._sock: socket.socket | None = None
         self._conns: dict[int, _Conn] = {}
+        self.dropped_slow = 0  # clients disconnected for not reading their replies
+        self.refused = 0  # clients refused for lack of permission
 
     def open(self) -> None:
         """Bind the socket; ControlError if another pyswitch already answers there."""
@@ -134,32 +147,57 @@ class ControlServer:
             conn, _ = self._sock.accept()
         except BlockingIOError:
             return
+        conn.setblocking(False)
         if not self._allowed(conn):
-            self._send(conn, {"id": None, "error": {"message": "permission denied", "status": 1}})
+            self.refused += 1
+            try:  # one short line into an empty socket buffer: it fits, or is lost
+                conn.send(_encode({"id": None, "error": {"message": "permission denied", "status": 1}}))
+            except OSError:
+                pass
             conn.close()
             log.warning("control: refused a client without permission")
             return
-        conn.setblocking(False)
         c = _Conn(conn)
         self._conns[conn.fileno()] = c
         self.loop.watch(conn.fileno(), lambda: self._read(c))
 
     def _read(self, c: _Conn) -> None:
+        if c.closing:  # its last reply is still being sent; ignore what else it says
+            self._discard_input(c)
+            return
         try:
-            data = c.sock.recv(65536)
+            data = c.sock.recv(_RECV)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
+        if not data:  # closed, possibly in the middle of a line: that line is dropped
             self._drop(c)
             return
+        start = len(c.buf)
         c.buf += data
-        while b"\n" in c.buf:
-            line, c.buf = c.buf.split(b"\n", 1)
-            self._send(c.sock, self._handle(line))
+        end = c.buf.find(b"\n", start)
+        while end >= 0:
+            line = bytes(c.buf[:end])
+            del c.buf[:end + 1]
+            self._queue(c, self._handle(line))
+            if c.sock.fileno() < 0:  # dropped for not reading its replies
+                return
+            end = c.buf.find(b"\n")
         if len(c.buf) > MAX_REQUEST:
-            self._send(c.sock, {"id": None, "error": {"message": "request too large", "status": 2}})
+            log.warning("control: a request longer than %d bytes; closing the connection", MAX_REQUEST)
+            c.buf.clear()
+            self._queue(c, {"id": None, "error": {"message": f"request too large (over {MAX_REQUEST} bytes)",
+                                                  "status": 2}})
+            self._close_after_reply(c)
+
+    def _discard_input(self, c: _Conn) -> None:
+        try:
+            if not c.sock.recv(_RECV):
+                self._drop(c)
+        except BlockingIOError:
+            pass
+        except OSError:
             self._drop(c)
 
     def _handle(self, line: bytes) -> dict[str, Any]:
@@ -180,18 +218,49 @@ class ControlServer:
             log.exception("control request %s failed", req["method"])
             return {"id": rid, "error": {"message": f"internal error: {exc}", "status": 1}}
 
-    def _send(self, sock: socket.socket, reply: dict[str, Any]) -> None:
-        data = json.dumps(reply).encode() + b"\n"
-        try:
-            sock.setblocking(True)
-            sock.settimeout(5)
-            sock.sendall(data)
-            sock.setblocking(False)
-        except OSError:
-            pass
+    def _queue(self, c: _Conn, reply: dict[str, Any]) -> None:
+        """Send ``reply`` as far as the socket takes it now; keep the rest for later."""
+        c.out += _encode(reply)
+        self._flush(c)
+        if c.sock.fileno() < 0 or not c.out:
+            return
+        if len(c.out) > MAX_OUTPUT:
+            self.dropped_slow += 1
+            log.warning("control: disconnecting a client that does not read its replies "
+                        "(%d bytes unsent, limit %d)", len(c.out), MAX_OUTPUT)
+            self._drop(c)
+            return
+        self.loop.watch_writable(c.sock.fileno(), lambda: self._flush(c))
+
+    def _flush(self, c: _Conn) -> None:
+        """Write what the socket takes without blocking; stop the writable watch when
+        all is sent (and close a connection that was to be closed)."""
+        if c.sock.fileno() < 0:
+            return
+        while c.out:
+            try:
+                sent = c.sock.send(c.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the client went away: nobody to answer
+                self._drop(c)
+                return
+            del c.out[:sent]
+        self.loop.unwatch_writable(c.sock.fileno())
+        if c.closing:
+            self._drop(c)
+
+    def _close_after_reply(self, c: _Conn) -> None:
+        if c.sock.fileno() < 0:
+            return
+        c.closing = True
+        if not c.out:
+            self._drop(c)
 
     def _drop(self, c: _Conn) -> None:
         fd = c.sock.fileno()
+        if fd < 0:
+            return
         self.loop.unwatch(fd)
         self._conns.pop(fd, None)
         c.sock.close()
@@ -204,6 +273,10 @@ class ControlServer:
             self._sock.close()
             self._sock = None
             self.path.unlink(missing_ok=True)
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
 
 
 def call(method: str, params: dict[str, Any] | None = None, path: Path | None = None,

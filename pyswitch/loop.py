@@ -1,7 +1,8 @@
 """The event loop: one thread, epoll, timers, and batched servicing of ready ports.
 
 Everything the switch does happens in callbacks from this loop: control-plane fds
-(vhost-user sockets, the control socket) call their handlers; data fds mark their port
+(vhost-user sockets, the control socket) call their handlers (on readable, or on
+writable for output that could not be sent at once: :meth:`EventLoop.watch_writable`); data fds mark their port
 *ready*, and the loop then services ready ports in rounds, each port receiving at most
 one batch (``MAX_BURST`` frames) per round so that a busy port cannot starve others.
 A port that returned a full batch stays ready for the next round; one that returned
@@ -24,6 +25,9 @@ import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
+
+_NOT_OUT = ~select.EPOLLOUT
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class TimerHandle:
@@ -51,6 +55,7 @@ class EventLoop:
     def __init__(self, service: Callable[[object], bool] | None = None) -> None:
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}  # fd -> called while writable
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._ready: dict[object, None] = {}  # insertion-ordered set
@@ -74,16 +79,45 @@ class EventLoop:
         if fd in self._callbacks:
             self._callbacks[fd] = callback
             return
-        self._epoll.register(fd, select.EPOLLIN)
+        if fd in self._writers:
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        else:
+            self._epoll.register(fd, select.EPOLLIN)
         self._callbacks[fd] = callback
 
     def unwatch(self, fd: int) -> None:
-        """Stop watching ``fd``; harmless if not watched.  Call before closing the fd."""
-        if self._callbacks.pop(fd, None) is not None:
+        """Stop watching ``fd`` (readable and writable); harmless if not watched.  Call
+        before closing the fd."""
+        known = fd in self._callbacks or fd in self._writers
+        self._callbacks.pop(fd, None)
+        self._writers.pop(fd, None)
+        if known:
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def watch_writable(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also call ``callback()`` while ``fd`` is writable (or has an error), until
+        :meth:`unwatch_writable`.  For a sender whose output did not fit at once (the
+        control socket's replies to a slow reader): it must never block the loop."""
+        if fd in self._writers:
+            self._writers[fd] = callback
+            return
+        if fd in self._callbacks:
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        else:
+            self._epoll.register(fd, select.EPOLLOUT)
+        self._writers[fd] = callback
+
+    def unwatch_writable(self, fd: int) -> None:
+        """Stop the writable calls of :meth:`watch_writable`; the read watch stays."""
+        if self._writers.pop(fd, None) is None:
+            return
+        if fd in self._callbacks:
+            self._epoll.modify(fd, select.EPOLLIN)
+        else:
+            self._epoll.unregister(fd)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
@@ -156,13 +190,21 @@ class EventLoop:
         self.busy_seconds += t1 - t0
         events = self._epoll.poll(timeout)
         t2 = time.monotonic()
-        for fd, _ in events:
-            cb = self._callbacks.get(fd)
-            if cb is not None:
-                try:
-                    cb()
-                except Exception:
-                    log.exception("handler for fd %d failed", fd)
+        for fd, ev in events:
+            if ev & _NOT_OUT:  # readable, hang-up or error: the read handler sees it
+                cb = self._callbacks.get(fd)
+                if cb is not None:
+                    try:
+                        cb()
+                    except Exception:
+                        log.exception("handler for fd %d failed", fd)
+            if ev & _WRITE_EVENTS:
+                wcb = self._writers.get(fd)  # looked up after the read handler ran
+                if wcb is not None:
+                    try:
+                        wcb()
+                    except Exception:
+                        log.exception("write handler for fd %d failed", fd)
         self.busy_seconds += time.monotonic() - t2
 
     def _service_ready(self) -> None:
