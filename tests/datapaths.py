@@ -24,3 +24,11 @@ def datapath(request: pytest.FixtureRequest):
         yield mode
     finally:
         fastpath.select("python")
+
+
+@pytest.fixture(params=DATAPATHS)
+def pktio(request: pytest.FixtureRequest):
+    """The packet-I/O implementation a port test passes to ``VethPort``/``TapPort``
+    (``pktio=``): ``None`` on the Python path, the ``_pktio`` kernel on the compiled one,
+    loaded on its own so the port tests do not wait for the other kernels."""
+    yield None if request.param == "python" else fastpath.load_kernel("_pktio")
