@@ -101,8 +101,8 @@ class VhostUserPort(Port):
     def _refused(self, why: str) -> None:
         """A request refused, a malformed message, or a ring that cannot start: the
         front end broke the protocol (or we cannot honour it).  Logged and counted."""
-        self.vhost_stats["protocol_errors"] += 1
         log.warning("%s: vhost-user %s", self.name, why)
+        self.vhost_stats["protocol_errors"] += 1
 
     def _after_disconnect(self) -> None:
         """Role-specific: wait for the next front end (server) or reconnect (client)."""

@@ -76,6 +76,14 @@ HANDLED = tuple(p.Request[name] for name in (
     "SET_VRING_CALL", "SET_VRING_ERR", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
     "GET_QUEUE_NUM", "SET_VRING_ENABLE", "GET_MAX_MEM_SLOTS", "ADD_MEM_REG", "REM_MEM_REG",
 ))
+#: Requests that may carry fds (vhost-user.rst); an fd on any other is a broken peer.
+#: REM_MEM_REG: older QEMU sends the region's fd, which the spec still allows (unused).
+TAKE_FDS = frozenset({
+    p.Request.SET_MEM_TABLE, p.Request.SET_LOG_BASE, p.Request.SET_LOG_FD,
+    p.Request.SET_VRING_KICK, p.Request.SET_VRING_CALL, p.Request.SET_VRING_ERR,
+    p.Request.SET_BACKEND_REQ_FD, p.Request.SET_INFLIGHT_FD, p.Request.ADD_MEM_REG,
+    p.Request.REM_MEM_REG,
+})
 #: Queue pairs we support (GET_QUEUE_NUM); vrings are 2 * this.
 MAX_QUEUE_PAIRS = 8
 
@@ -202,6 +210,8 @@ class Device:
         try:
             if handler is None:
                 raise DeviceError(f"unsupported request {msg.name()}")
+            if msg.fds and msg.request not in TAKE_FDS:
+                raise DeviceError(f"{len(msg.fds)} fds on a request that takes none")
             reply = handler(msg)
         except (DeviceError, p.InvalidMessage) as exc:
             if isinstance(exc, FatalDeviceError) or msg.request in ALWAYS_REPLY:

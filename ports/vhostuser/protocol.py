@@ -262,17 +262,25 @@ def parse_mem_table(msg: Message) -> list[MemRegion]:
     regions = []
     for i in range(nregions):
         off = MEM_TABLE_HEADER.size + i * MEM_REGION.size
-        region = MemRegion(*MEM_REGION.unpack_from(msg.payload, off))
-        if region.memory_size == 0:
-            raise InvalidMessage(f"SET_MEM_TABLE: region {i} has size 0")
-        regions.append(region)
+        regions.append(_checked_region(msg, i, MemRegion(*MEM_REGION.unpack_from(msg.payload, off))))
     return regions
 
 
 def parse_single_region(msg: Message) -> MemRegion:
     """ADD_MEM_REG / REM_MEM_REG payload: one region after 8 bytes of padding."""
     _expect_size(msg, SINGLE_MEM_REGION.size)
-    return MemRegion(*SINGLE_MEM_REGION.unpack(msg.payload)[1:])
+    return _checked_region(msg, 0, MemRegion(*SINGLE_MEM_REGION.unpack(msg.payload)[1:]))
+
+
+def _checked_region(msg: Message, i: int, region: MemRegion) -> MemRegion:
+    """``region`` unless it is empty or one of its ranges runs past 2**64: such a range
+    would wrap in the compiled kernel's u64 address arithmetic."""
+    if region.memory_size == 0:
+        raise InvalidMessage(f"{msg.name()}: region {i} has size 0")
+    for name in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
+        if getattr(region, name) + region.memory_size > 1 << 64:
+            raise InvalidMessage(f"{msg.name()}: region {i}: {name} + size passes 2**64")
+    return region
 
 
 # -- encoding --------------------------------------------------------------------------
@@ -383,8 +391,11 @@ class MessageReader:
             want = HEADER.size - len(self._buf) if self._size < 0 else self._size - len(self._buf)
             try:
                 if self._size < 0:
-                    data, fds, _flags, _addr = socket.recv_fds(sock, want, MAX_FDS)
+                    data, fds, flags, _addr = socket.recv_fds(sock, want, MAX_FDS)
                     self._fds.extend(fds)
+                    if flags & socket.MSG_CTRUNC:  # the kernel closed the fds past MAX_FDS
+                        self.close()
+                        raise InvalidMessage(f"more than {MAX_FDS} fds on one message")
                 else:
                     data = sock.recv(want) if want else b""
             except (BlockingIOError, InterruptedError):

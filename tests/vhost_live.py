@@ -1,0 +1,148 @@
+"""A live switch for hostile vhost-user tests: one vhost-user port beside two forwarding ports.
+
+:class:`LiveSwitch` builds an in-process :class:`pyswitch.switch.Switch` with bridge
+``br0`` holding a ``dpdkvhostuser`` port and two ``memory`` ports ``a`` and ``b``, and
+runs the switch's own event loop on a thread (the same loop ``pyswitch up`` runs).  The
+hostile test plays the front end on the port's real unix socket; meanwhile the switch
+must keep forwarding between ``a`` and ``b``:
+
+* :meth:`LiveSwitch.forwards` injects frames on ``a`` and waits for exactly as many on ``b``;
+* :meth:`LiveSwitch.traffic` does so continuously on a thread while a hostile session runs,
+  and checks on exit that every frame arrived;
+* :meth:`LiveSwitch.assert_healthy` says the loop thread is alive, still iterating, and
+  no exception reached a log record (the loop logs handler exceptions instead of dying:
+  a record with ``exc_info`` is an exception that escaped a handler).
+
+:func:`open_fds` and :func:`rss_kib` read /proc for leak checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pyswitch.switch import Switch
+from pyswitch.topology import load_topology_text
+from tests.netns_util import wait_until
+
+BROADCAST = b"\xff" * 6
+
+
+class _ExcRecords(logging.Handler):
+    """Keeps every log record that carries an exception (``log.exception``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
+class LiveSwitch:
+    """Switch with ``vh`` (vhost-user server), ``a``, ``b`` (memory) on br0, running."""
+
+    def __init__(self, sock_dir: Path) -> None:
+        self.name = "pst" + secrets.token_hex(2)
+        topo = ("bridges:\n  br0:\n    ports:\n"
+                f"      {self.name}: {{type: dpdkvhostuser, options: {{vhost-sock-dir: '{sock_dir}'}}}}\n"
+                "      a: {type: memory}\n      b: {type: memory, options: {capacity: '64'}}\n")
+        self.sw = Switch()
+        self._exc = _ExcRecords()
+        logging.getLogger().addHandler(self._exc)
+        self._seq = 0
+        try:
+            self.sw.build(load_topology_text(topo, "hostile.yaml"))
+            self.port = self.sw.port(self.name)
+            self.path = self.port.socket_path()  # type: ignore[attr-defined]
+            self._thread = threading.Thread(target=self.sw.run, name="pst-hostile-loop")
+            self._thread.start()
+            assert wait_until(lambda: self.sw.loop.iterations > 0), "switch loop did not start"
+        except BaseException:
+            self.close()
+            raise
+
+    def stat(self, key: str) -> int:
+        return int(self.port.vhost_stats[key])  # type: ignore[attr-defined]
+
+    def frames(self, n: int) -> list[bytes]:
+        """``n`` distinct broadcast frames from a's MAC (flooded to b and the vhost port)."""
+        out = []
+        for _ in range(n):
+            self._seq += 1
+            out.append(BROADCAST + b"\x02\x00\x00\x00\x00\x0a\x08\x00"
+                       + self._seq.to_bytes(8, "big") + bytes(38))
+        return out
+
+    def forwards(self, n: int = 16, timeout: float = 5.0) -> bool:
+        """Inject ``n`` frames on a; True once b transmitted all of them."""
+        b = self.sw.port("b")
+        before = b.counters.tx_packets
+        self.sw.port("a").inject(self.frames(n))  # type: ignore[attr-defined]
+        return wait_until(lambda: b.counters.tx_packets - before >= n, timeout)
+
+    @contextmanager
+    def traffic(self, interval: float = 0.002) -> Iterator[None]:
+        """Forward a -> b on a thread for the duration of the block; on exit assert every
+        injected frame came out of b (the hostile session did not stall the switch)."""
+        a, b = self.sw.port("a"), self.sw.port("b")
+        before, sent, stop = b.counters.tx_packets, [0], threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                a.inject(self.frames(1))  # type: ignore[attr-defined]
+                sent[0] += 1
+                stop.wait(interval)
+
+        th = threading.Thread(target=run, name="pst-traffic")
+        th.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            th.join(5)
+        assert sent[0] > 0
+        assert wait_until(lambda: b.counters.tx_packets - before == sent[0]), (
+            f"other ports stalled: {b.counters.tx_packets - before} of {sent[0]} frames forwarded")
+
+    def assert_healthy(self) -> None:
+        assert self._thread.is_alive(), "the switch loop thread died"
+        n = self.sw.loop.iterations
+        assert wait_until(lambda: self.sw.loop.iterations > n), "the switch loop stopped iterating"
+        escaped = [r.getMessage() for r in self._exc.records]
+        assert not escaped, f"exceptions escaped into the log: {escaped}"
+
+    def disconnected(self, timeout: float = 5.0) -> bool:
+        return wait_until(lambda: self.port.conn is None, timeout)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "_thread", None) is not None:
+                self.sw.stop()
+                self._thread.join(10)
+                assert not self._thread.is_alive(), "the switch loop did not stop"
+        finally:
+            self.sw.close()
+            self.sw.loop.close()
+            logging.getLogger().removeHandler(self._exc)
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """How many fds process ``pid`` has open now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc status")
+
