@@ -16,6 +16,10 @@ reserved with ``PACKET_RESERVE``.
 
 Transmit is one ``send()`` per frame on the same non-blocking socket.
 ``PACKET_IGNORE_OUTGOING`` keeps the ring from seeing our own transmissions.
+
+This is the reference.  When the compiled data path runs, :func:`open_ring` returns the
+kernel's ``PacketRingV3`` instead (``pyswitch/fastpath/_pktio.pyx``: a ``TPACKET_V3``
+block ring read in C, frames as ``bytes``, the same methods and counters).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import mmap
 import socket
 import struct
 from collections.abc import Sequence
+from types import ModuleType
 
 from pyswitch.ports.frames import VLAN_TPIDS, send_each
 
@@ -39,6 +44,7 @@ PACKET_VERSION = 10
 PACKET_RESERVE = 12
 PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
+TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
 TP_STATUS_USER = 0x1
@@ -70,6 +76,27 @@ def frame_slot_size(mtu: int) -> int:
 
 
 log = logging.getLogger(__name__)
+
+
+def open_ring(
+    ifname: str,
+    mtu: int,
+    counters: PortCounters,
+    pktio: ModuleType | None = None,
+    ring_bytes: int = RING_BYTES,
+) -> PacketRing:
+    """The receive ring and transmit loop of a veth port: the compiled kernel's
+    ``PacketRingV3`` when ``pktio`` (the ``_pktio`` module) is given, else the Python
+    :class:`PacketRing`.  ``PortError`` if the socket or ring cannot be set up."""
+    if pktio is None:
+        return PacketRing(ifname, mtu, counters, ring_bytes)
+    sock = _open_socket(ifname, TPACKET_V3)
+    try:
+        return pktio.PacketRingV3(sock, ifname, mtu, counters, ring_bytes)  # type: ignore[no-any-return]
+    except OSError as exc:
+        sock.close()
+        raise PortError(f"setting up the receive ring on {ifname!r}: {exc.strerror}") from exc
+
 
 #: Slots after an empty reader's slot looked at for frames (see PacketRing._resync).
 RESYNC_LOOKAHEAD = 8
@@ -235,16 +262,18 @@ class PacketRing:
         self.sock.close()
 
 
-def _open_socket(ifname: str) -> socket.socket:
-    """Create the socket with protocol 0 (it receives nothing until bound), set it up."""
+def _open_socket(ifname: str, version: int = TPACKET_V2) -> socket.socket:
+    """Create the socket with protocol 0 (it receives nothing until bound), set it up
+    for a ring of ``version`` (V2 reserves headroom for the tag; V3's kernel copies)."""
     try:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     except OSError as exc:
         raise PortError(f"opening an AF_PACKET socket for {ifname!r}: {exc.strerror}") from exc
     try:
         sock.setblocking(False)
-        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-        sock.setsockopt(SOL_PACKET, PACKET_RESERVE, VLAN_HEADROOM)
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, version)
+        if version == TPACKET_V2:
+            sock.setsockopt(SOL_PACKET, PACKET_RESERVE, VLAN_HEADROOM)
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)

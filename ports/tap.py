@@ -14,6 +14,10 @@ The receive path reads one frame per ``readv()`` into a pool of preallocated
 buffers and hands out memoryviews of them, valid until :meth:`TapPort.release`.
 TAP has no offloads unless ``TUNSETOFFLOAD`` asks for them, so frames are always
 complete, MTU-sized and with finished checksums.  See ``ports/README.md``.
+
+On the compiled data path, ``open()`` takes the ``_pktio`` kernel's ``TapIO`` instead:
+one call per batch that loops ``read()`` until EAGAIN or the batch is full (frames as
+``bytes``), one call that writes a batch; same counting, same error meanings.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import logging
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any, ClassVar
 
 from pyswitch.ports import netlink as nl
 from pyswitch.ports.frames import VLAN_TPIDS, send_each
 
+from pyswitch import fastpath
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
 
 log = logging.getLogger(__name__)
@@ -53,8 +59,15 @@ class TapPort(Port):
         "mtu": "MTU of the interface (default 1500)",
     }
 
-    def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, options: Mapping[str, str] | None = None, *,
+        pktio: ModuleType | None = None,
+    ) -> None:
+        """``pktio``: the compiled ``_pktio`` kernel to use even when the selected data
+        path is Python (tests of the kernel); by default the selected path decides."""
         super().__init__(name, options)
+        self._pktio = pktio
+        self._kio: Any = None  # the kernel's TapIO on the compiled path
         opts = self.options
         self.ifname = nl.check_ifname(
             opts.get("ifname", name), "ifname" if "ifname" in opts else f"port {name!r}"
@@ -88,7 +101,11 @@ class TapPort(Port):
         except BaseException:
             self._close_fd()
             raise
-        self._grow_pool(MAX_BURST)
+        pktio = self._pktio or fastpath.kernel("_pktio")
+        if pktio is not None:
+            self._kio = pktio.TapIO(self._fd, self._mtu, self.counters)
+        else:
+            self._grow_pool(MAX_BURST)
 
     def close(self) -> None:
         """Unwatch and close the fd; the kernel removes the (non-persistent) device."""
@@ -98,6 +115,9 @@ class TapPort(Port):
         self._close_fd()
 
     def _close_fd(self) -> None:
+        if self._kio is not None:
+            self._kio.close()
+            self._kio = None
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -120,6 +140,11 @@ class TapPort(Port):
         fd = self._fd
         if fd < 0:
             return ()
+        if self._kio is not None:
+            frames, err = self._kio.receive(max_frames)
+            if err:
+                self._rx_error(OSError(err, os.strerror(err)))
+            return frames  # type: ignore[no-any-return]
         if max_frames > len(self._pool):
             self._grow_pool(max_frames)
         readv, pool, limit = os.readv, self._pool, self._limit
@@ -160,6 +185,8 @@ class TapPort(Port):
             if frames:
                 counters.drop("link_down", len(frames), rx=False)
             return 0
+        if self._kio is not None:
+            return self._kio.transmit(frames)  # type: ignore[no-any-return]
         return send_each(frames, functools.partial(os.write, fd), self._limit, counters,
                          _tx_error_reason)
 

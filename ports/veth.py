@@ -3,7 +3,9 @@
 ``open()`` creates a veth pair whose switch-side end is named after the port and
 whose peer end goes into a network namespace (created if absent) with an optional
 MAC, addresses, default route and MTU; the switch then reads and writes its own end
-through a :class:`~pyswitch.ports.afpacket.PacketRing`.  With ``existing=true`` it
+through a :class:`~pyswitch.ports.afpacket.PacketRing` (or, on the compiled data path,
+the ``_pktio`` kernel's ``TPACKET_V3`` ring: :func:`~pyswitch.ports.afpacket.open_ring`
+picks, once, at ``open()``).  With ``existing=true`` it
 creates nothing and attaches to an interface named like the port.
 
 Offloads: a veth end does TSO/GSO and checksum offload by default, so the frames
@@ -26,12 +28,14 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from types import ModuleType
 from typing import Any, ClassVar
 
 from pyswitch.ports import ethtool
 from pyswitch.ports import netlink as nl
-from pyswitch.ports.afpacket import PacketRing
+from pyswitch.ports.afpacket import PacketRing, open_ring
 
+from pyswitch import fastpath
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
 
 log = logging.getLogger(__name__)
@@ -122,9 +126,15 @@ class VethPort(Port):
         "existing": "true: attach to an existing interface named like the port",
     }
 
-    def __init__(self, name: str, options: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, options: Mapping[str, str] | None = None, *,
+        pktio: ModuleType | None = None,
+    ) -> None:
+        """``pktio``: the compiled ``_pktio`` kernel to use even when the selected data
+        path is Python (tests of the kernel); by default the selected path decides."""
         super().__init__(name, options)
         self.config = parse_options(name, self.options)
+        self._pktio = pktio
         self._ring: PacketRing | None = None
         self._io: PortIO | None = None
         self._made_link = False
@@ -147,7 +157,8 @@ class VethPort(Port):
                 self._find_existing()
             else:
                 self._create()
-            self._ring = PacketRing(self.name, self._mtu, self.counters)
+            pktio = self._pktio or fastpath.kernel("_pktio")
+            self._ring = open_ring(self.name, self._mtu, self.counters, pktio)
         except BaseException:
             self._teardown()
             raise

@@ -44,12 +44,13 @@ def subnet() -> str:
 
 
 @pytest.fixture
-def open_tap(cleanup: Callable) -> Iterator[Callable[..., TapPort]]:  # noqa: F811
-    """``open_tap(name, **options)``: an opened TAP port, closed at teardown."""
+def open_tap(cleanup: Callable, pktio: object) -> Iterator[Callable[..., TapPort]]:  # noqa: F811
+    """``open_tap(name, **options)``: an opened TAP port, closed at teardown; once per
+    data path (``pktio``: Python reads and writes, then the compiled kernel's)."""
     require_root()
 
     def make(name: str, **options: str) -> TapPort:
-        port = TapPort(name, options)
+        port = TapPort(name, options, pktio=pktio)
         cleanup(port.close)
         port.open()
         return port
@@ -204,7 +205,8 @@ def test_namespace_pings_host_through_veth_and_tap(
 ) -> None:
     """veth (namespace) <-> wire <-> TAP (host stack): the namespace pings the host."""
     tap = open_tap(unique_name(), address=f"{subnet}.1/24")
-    veth = VethPort(unique_name(), {"netns": unique_name(), "peer-address": f"{subnet}.2/24"})
+    veth = VethPort(unique_name(), {"netns": unique_name(), "peer-address": f"{subnet}.2/24"},
+                    pktio=tap._pktio)
     cleanup(veth.close)
     veth.open()
     with PortWire([tap, veth]) as wire:

@@ -42,12 +42,13 @@ PORT_IP, PEER_IP = "10.201.0.1", "10.201.0.2"
 
 
 @pytest.fixture
-def open_port(cleanup: Callable) -> Iterator[Callable[..., VethPort]]:  # noqa: F811
-    """``open_port(name, **options)``: an opened veth port, closed at teardown."""
+def open_port(cleanup: Callable, pktio: object) -> Iterator[Callable[..., VethPort]]:  # noqa: F811
+    """``open_port(name, **options)``: an opened veth port, closed at teardown; once
+    per data path (``pktio``: the Python ring, then the compiled kernel's)."""
     require_root()
 
     def make(name: str, **options: str) -> VethPort:
-        port = VethPort(name, {k.replace("_", "-"): v for k, v in options.items()})
+        port = VethPort(name, {k.replace("_", "-"): v for k, v in options.items()}, pktio=pktio)
         cleanup(port.close)
         port.open()
         return port
@@ -349,7 +350,7 @@ def test_mtu_and_link_down_drops(open_port: Callable) -> None:
 def test_oversized_received_frames_dropped_and_slots_reused(open_port: Callable) -> None:
     """Frames over the port's MTU (the switch end's MTU raised behind the port's back)
     are dropped as ``mtu``; their ring slots go back to the kernel even though the
-    switch never release()s an empty batch: 1200 drops > 1024 ring slots."""
+    switch never release()s an empty batch: 2000 drops are more than the ring holds."""
     ns, name = unique_name(), unique_name()
     port = open_port(name, netns=ns, peer_mac=PEER_MAC, mtu="1000")
     ns_exec(None, "ip", "link", "set", name, "mtu", "1400")
@@ -358,7 +359,7 @@ def test_oversized_received_frames_dropped_and_slots_reused(open_port: Callable)
     sock = pr_netns.create_socket(ns, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
     try:
         sock.bind(("eth0", 0))
-        for _ in range(12):  # 100 at a time: under the kernel's backlog and ring sizes
+        for _ in range(20):  # 100 at a time: under the kernel's backlog and ring sizes
             for _ in range(100):
                 sock.send(head + bytes(1200))
             for _ in range(10):  # an all-dropped batch returns nothing: no release()
@@ -368,8 +369,9 @@ def test_oversized_received_frames_dropped_and_slots_reused(open_port: Callable)
     finally:
         sock.close()
     receive_until(port, lambda p: bytes(p).startswith(head + b"last"))
-    assert port.counters.drops["mtu"] == 1200 and port.counters.rx_dropped == 1200
-    assert port.status()["ring_slots"] < 1200
+    assert port.counters.drops["mtu"] == 2000 and port.counters.rx_dropped == 2000
+    info = port.status()  # V2: one frame a slot; V3: frames packed into the ring's bytes
+    assert info.get("ring_slots", info.get("ring_bytes", 0) // (len(head) + 1200)) < 2000
 
 
 def test_ping_and_iperf3_tcp_between_namespaces(open_port: Callable) -> None:
@@ -401,8 +403,9 @@ def test_only_leftovers_of_a_dead_pyswitch_are_reclaimed():
     import secrets
     import subprocess
 
-    from pyswitch.port import PortError
     from pyswitch.ports.veth import VethPort, leftover_alias
+
+    from pyswitch.port import PortError
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -416,11 +419,11 @@ def test_only_leftovers_of_a_dead_pyswitch_are_reclaimed():
         try:
             if reclaimed:
                 port.open()
-                assert subprocess.run(["ip", "link", "show", name + "p"], capture_output=True).returncode != 0
+                assert subprocess.run(["ip", "link", "show", name + "p"], capture_output=True, check=False).returncode != 0
             else:
                 with pytest.raises(PortError, match="already exists"):
                     port.open()
-                assert subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+                assert subprocess.run(["ip", "link", "show", name], capture_output=True, check=False).returncode == 0
         finally:
             port.close()
-            subprocess.run(["ip", "link", "del", name], capture_output=True)
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)

@@ -1,0 +1,547 @@
+# cython: language_level=3
+"""The compiled packet-I/O kernel: batched AF_PACKET (veth) and TAP I/O, one call per batch.
+
+The same interfaces as the Python reference (``ports/afpacket.py``'s ``PacketRing``,
+``ports/frames.py``'s ``send_each`` and the read loop of ``ports/tap.py``), selected by
+``VethPort``/``TapPort`` at ``open()`` when :func:`pyswitch.fastpath.kernel` returns this
+module.  Frames go up to Python as ``bytes`` (one allocation and one copy each, done in C):
+a ``bytes`` owns its memory, so ring blocks go back to the kernel as soon as they are read
+and ``release()`` has nothing to do.
+
+Receive on AF_PACKET uses a ``TPACKET_V3`` ring (Documentation/networking/packet_mmap.rst):
+the ring is a list of blocks; the kernel packs frames one after another into the open block
+(``tpacket3_hdr``, chained by ``tp_next_offset``) and hands the whole block to us
+(``block_status = TP_STATUS_USER``) when it is full or when ``tp_retire_blk_tov``
+milliseconds pass, so a poll wakes once per block, not per frame.  We walk the block's
+frames, then give it back (``TP_STATUS_KERNEL``).  Blocks are read strictly in ring order,
+as the kernel fills them: when the next block is still ours the kernel freezes and counts
+drops (``PACKET_STATISTICS``, ``tpacket_stats_v3``) rather than moving past it, so the
+reader cannot fall out of step the way a V2 reader did (the Python ring's ``_resync``).
+The cost is latency: a lone frame waits until its block is retired by the timer (at most
+``retire_ms``, 1 ms by default).
+
+The kernel strips an 802.1Q/802.1ad tag into skb metadata before AF_PACKET sees a frame;
+it comes back in ``tp_vlan_tci``/``tp_vlan_tpid`` and we put it back while copying.
+
+Every offset and length read from the ring is checked against the block before use (the
+ring is the kernel's, but a bad value must never make us read outside the mapping).
+
+Transmit (both port types) is a C loop of ``write()`` on the non-blocking fd with the GIL
+released, with the exact drop semantics of ``send_each``: over-MTU and runt frames dropped
+one by one, a full queue retried ``TX_RETRIES`` times then the rest of the batch dropped
+as ``tx_full``, a down link the rest as ``link_down``.  A ``PACKET_TX_RING`` was not
+built: on a veth the kernel sends synchronously inside the system call either way, so a
+TX ring saves only the per-frame syscall entry; bench/pktio_micro.py measures this loop.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.errno cimport (EAGAIN, EINTR, EINVAL, EIO, EMSGSIZE, ENETDOWN, ENOBUFS, ENODEV,
+                         ENOMEM, ENXIO, errno)
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, strerror
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.unistd cimport read, write
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+
+cdef extern from "<linux/if_packet.h>" nogil:
+    struct tpacket_req3:
+        unsigned int tp_block_size
+        unsigned int tp_block_nr
+        unsigned int tp_frame_size
+        unsigned int tp_frame_nr
+        unsigned int tp_retire_blk_tov
+        unsigned int tp_sizeof_priv
+        unsigned int tp_feature_req_word
+    struct tpacket_stats_v3:
+        unsigned int tp_packets
+        unsigned int tp_drops
+        unsigned int tp_freeze_q_cnt
+    struct tpacket_hdr_v1:
+        uint32_t block_status
+        uint32_t num_pkts
+        uint32_t offset_to_first_pkt
+        uint32_t blk_len
+    union tpacket_bd_header_u:
+        tpacket_hdr_v1 bh1
+    struct tpacket_block_desc:
+        uint32_t version
+        uint32_t offset_to_priv
+        tpacket_bd_header_u hdr
+    struct tpacket_hdr_variant1:
+        uint32_t tp_rxhash
+        uint32_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
+    struct tpacket3_hdr:
+        uint32_t tp_next_offset
+        uint32_t tp_snaplen
+        uint32_t tp_len
+        uint32_t tp_status
+        uint16_t tp_mac
+        tpacket_hdr_variant1 hv1
+    int SOL_PACKET, PACKET_RX_RING, PACKET_STATISTICS
+    int TP_STATUS_KERNEL, TP_STATUS_USER, TP_STATUS_LOSING, TP_STATUS_BLK_TMO
+    int TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID
+
+cdef extern from *:
+    """
+    /* The block status word is shared with the kernel: read it with acquire (the
+       frames it covers are complete before we look), write it with release (we are
+       done with the block before the kernel may refill it). */
+    static inline unsigned int pktio_load_acquire(const unsigned int *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void pktio_store_release(unsigned int *p, unsigned int v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    """
+    unsigned int pktio_load_acquire(const unsigned int *p) nogil
+    void pktio_store_release(unsigned int *p, unsigned int v) nogil
+
+cdef enum:
+    ETH_HLEN = 14
+    ETH_P_ALL = 0x0003
+    C_TX_RETRIES = 2  # immediate retries of a full transmit queue (frames.TX_RETRIES)
+    # drop reasons of a failed write
+    R_OK = 0
+    R_TX_FULL = 1
+    R_LINK_DOWN = 2
+    R_MTU = 3
+    R_MALFORMED = 4
+
+TX_RETRIES = C_TX_RETRIES
+#: Block size floor: a 64 KiB block holds ~400 small frames (one wake-up each).
+MIN_BLOCK = 1 << 16
+RING_BYTES = 2 << 20
+RETIRE_MS = 1
+
+
+cdef inline bint _is_vlan_tpid(const uint8_t *p) nogil:
+    """Whether the EtherType at ``p`` is 802.1Q or 802.1ad (a frame may be 4 bytes longer)."""
+    return (p[0] == 0x81 and p[1] == 0x00) or (p[0] == 0x88 and p[1] == 0xA8)
+
+
+cdef inline bint _over_mtu(Py_ssize_t n, Py_ssize_t limit, const uint8_t *frame) nogil:
+    """``send_each``'s size rule (``frame`` holds at least 14 bytes when ``n > limit``)."""
+    return n > limit and (n > limit + 4 or not _is_vlan_tpid(frame + 12))
+
+
+cdef class PacketRingV3:
+    """A TPACKET_V3 receive ring on an AF_PACKET socket, and its transmit loop.
+
+    ``sock`` is a non-blocking, unbound ``AF_PACKET`` socket already set to
+    ``TPACKET_V3`` (``ports/afpacket.py`` makes it); the ring is set up and mapped here and
+    the socket bound to ``ifname`` last, so frames start arriving only then.  Same
+    methods and counting as ``PacketRing``; frames are ``bytes``.
+    """
+
+    cdef readonly object sock
+    cdef readonly str ifname
+    cdef readonly int mtu
+    cdef public object counters
+    #: Always 0: a V3 reader follows the kernel block by block (module docstring).
+    cdef readonly int resyncs
+    #: Blocks handed back to the kernel, and how many of them it retired on its timer.
+    cdef readonly uint64_t blocks_read, blocks_by_timeout
+    cdef int fd
+    cdef char *base
+    cdef size_t map_len
+    cdef uint32_t block_size, nblocks, cur, left, off
+    cdef Py_ssize_t limit
+
+    def __cinit__(self):
+        self.base = NULL
+        self.fd = -1
+
+    def __init__(self, sock, str ifname, int mtu, counters, size_t ring_bytes=RING_BYTES,
+                 unsigned int retire_ms=RETIRE_MS):
+        cdef tpacket_req3 req
+        cdef uint32_t block = MIN_BLOCK
+        cdef void *m
+        if mtu < 68 or mtu > 65535:
+            raise ValueError(f"mtu {mtu} out of range")
+        while block < 2 * (<uint32_t>mtu + 256):  # header, sockaddr_ll, alignment, tag: < 256
+            block <<= 1
+        self.sock, self.ifname, self.mtu, self.counters = sock, ifname, mtu, counters
+        self.limit = mtu + ETH_HLEN
+        self.block_size = block
+        self.nblocks = max(1, ring_bytes // block)
+        req.tp_block_size = block
+        req.tp_block_nr = self.nblocks
+        req.tp_frame_size = 2048  # V3 frames are variable-sized; this only has to divide
+        req.tp_frame_nr = self.nblocks * (block // 2048)
+        req.tp_retire_blk_tov = retire_ms
+        req.tp_sizeof_priv = 0
+        req.tp_feature_req_word = 0
+        self.fd = sock.fileno()
+        if setsockopt(self.fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) != 0:
+            raise OSError(errno, strerror(errno).decode())
+        self.map_len = <size_t>block * self.nblocks
+        m = mmap(NULL, self.map_len, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+        if m == MAP_FAILED:
+            raise OSError(errno, strerror(errno).decode())
+        self.base = <char *>m
+        sock.bind((ifname, ETH_P_ALL))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    cdef inline tpacket_block_desc *_block(self) noexcept nogil:
+        return <tpacket_block_desc *>(self.base + <size_t>self.cur * self.block_size)
+
+    cdef void _give_back(self) noexcept nogil:
+        """Hand the current block to the kernel and move to the next one."""
+        cdef tpacket_block_desc *bd = self._block()
+        pktio_store_release(&bd.hdr.bh1.block_status, TP_STATUS_KERNEL)
+        self.blocks_read += 1
+        self.left = 0
+        self.cur = self.cur + 1 if self.cur + 1 < self.nblocks else 0
+
+    cdef int _open_block(self, int *lost) noexcept nogil:
+        """Start reading the next block if the kernel has handed it over: 1 if frames
+        are ready (``left``/``off`` set), 0 if not.  Empty or inconsistent blocks go
+        straight back (at most one pass over the ring)."""
+        cdef tpacket_block_desc *bd
+        cdef uint32_t status, num, first
+        cdef uint32_t tries
+        for tries in range(self.nblocks):
+            bd = self._block()
+            status = pktio_load_acquire(&bd.hdr.bh1.block_status)
+            if not status & TP_STATUS_USER:
+                return 0
+            if status & TP_STATUS_LOSING:
+                lost[0] = 1
+            if status & TP_STATUS_BLK_TMO:
+                self.blocks_by_timeout += 1
+            num = bd.hdr.bh1.num_pkts
+            first = bd.hdr.bh1.offset_to_first_pkt
+            if num == 0 or first < sizeof(tpacket_block_desc) or first >= self.block_size:
+                self._give_back()
+                continue
+            self.left, self.off = num, first
+            return 1
+        return 0
+
+    def receive(self, int max_frames):
+        """Up to ``max_frames`` frames as ``bytes``; never blocks.  At most ``max_frames``
+        frames are examined (dropped ones included: bounded work)."""
+        cdef list out = []
+        cdef int examined = 0, oversize = 0, malformed = 0, lost = 0
+        cdef uint64_t nbytes = 0
+        cdef tpacket_block_desc *bd
+        cdef tpacket3_hdr *hdr
+        cdef uint32_t status, snap, length, mac, nxt, room
+        cdef uint16_t tpid, tci
+        cdef const uint8_t *src
+        cdef char *dst
+        cdef bytes frame
+        cdef bint tagged, vlan_sized
+        if self.base == NULL:
+            return out
+        while examined < max_frames:
+            if self.left == 0 and not self._open_block(&lost):
+                break
+            bd = self._block()
+            examined += 1
+            if self.off > self.block_size - sizeof(tpacket3_hdr):
+                malformed += 1  # a frame header past the block: drop the rest of it
+                self._give_back()
+                continue
+            hdr = <tpacket3_hdr *>(<char *>bd + self.off)
+            status, snap, length, mac = hdr.tp_status, hdr.tp_snaplen, hdr.tp_len, hdr.tp_mac
+            room = self.block_size - self.off
+            tagged = (status & TP_STATUS_VLAN_VALID) != 0
+            if mac > room or snap > room - mac or (tagged and snap < 12):
+                malformed += 1
+                self._give_back()
+                continue
+            src = <const uint8_t *>hdr + mac
+            tpid = tci = 0
+            if tagged:  # the tag the kernel took out goes back in front of the EtherType
+                tpid = hdr.hv1.tp_vlan_tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100
+                tci = <uint16_t>hdr.hv1.tp_vlan_tci
+                length += 4
+                vlan_sized = tpid == 0x8100 or tpid == 0x88A8
+            else:
+                vlan_sized = snap >= ETH_HLEN and _is_vlan_tpid(src + 12)
+            if length > self.limit and (snap + (4 if tagged else 0) < length
+                                        or length > self.limit + 4 or not vlan_sized):
+                oversize += 1
+            elif tagged:
+                frame = PyBytes_FromStringAndSize(NULL, snap + 4)
+                dst = PyBytes_AS_STRING(frame)
+                memcpy(dst, src, 12)
+                dst[12] = <char>(tpid >> 8)
+                dst[13] = <char>(tpid & 0xFF)
+                dst[14] = <char>(tci >> 8)
+                dst[15] = <char>(tci & 0xFF)
+                memcpy(dst + 16, src + 12, snap - 12)
+                out.append(frame)
+                nbytes += snap + 4
+            else:
+                out.append(PyBytes_FromStringAndSize(<char *>src, snap))
+                nbytes += snap
+            self.left -= 1
+            if self.left == 0:
+                self._give_back()
+                continue
+            nxt = hdr.tp_next_offset
+            if nxt == 0 or nxt >= room:
+                malformed += self.left  # a broken chain: the rest of the block is lost
+                self._give_back()
+                continue
+            self.off += nxt
+        counters = self.counters
+        if out:
+            counters.rx_packets += len(out)
+            counters.rx_bytes += nbytes
+        if oversize:
+            counters.drop("mtu", oversize, rx=True)
+        if malformed:
+            counters.drop("malformed", malformed, rx=True)
+        if lost:
+            self.poll_kernel_drops()
+        return out
+
+    def release(self):
+        """Nothing to do: frames are ``bytes`` and blocks went back while reading."""
+
+    def transmit(self, frames):
+        """Send each frame (``send_each``'s rules and counting); returns how many were sent."""
+        if self.base == NULL:
+            if frames:
+                self.counters.drop("link_down", len(frames), rx=False)
+            return 0
+        return _send_batch(self.fd, frames, self.limit, self.counters, False)
+
+    def poll_kernel_drops(self):
+        """Fold the kernel's count of frames lost for want of a free block
+        (``tpacket_stats_v3.tp_drops``, reset by reading) into ``drops["no_buffer"]``."""
+        cdef tpacket_stats_v3 st
+        cdef socklen_t n = sizeof(st)
+        if self.base == NULL:
+            return 0
+        if getsockopt(self.fd, SOL_PACKET, PACKET_STATISTICS, &st, &n) != 0:
+            raise OSError(errno, strerror(errno).decode())
+        if st.tp_drops:
+            self.counters.drop("no_buffer", st.tp_drops, rx=True)
+        return st.tp_drops
+
+    def ring_info(self):
+        return {"tpacket_version": 3, "ring_blocks": self.nblocks,
+                "block_size": self.block_size, "ring_bytes": self.nblocks * self.block_size}
+
+    def close(self):
+        """Unmap the ring and close the socket (idempotent)."""
+        if self.base != NULL:
+            munmap(self.base, self.map_len)
+            self.base = NULL
+        self.fd = -1
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.map_len)
+            self.base = NULL
+
+
+cdef class TapIO:
+    """Batched reads and writes on a non-blocking TAP fd (the fd stays ``TapPort``'s).
+
+    ``receive`` loops ``read()`` until EAGAIN or the batch is full, with the GIL released,
+    into one buffer per frame of ``mtu + 14 + 4 + 1`` bytes (a tagged frame fits, a longer
+    one is seen to be too long); ``transmit`` writes a batch.  Counting as ``TapPort``."""
+
+    cdef readonly int fd
+    cdef public object counters
+    cdef Py_ssize_t limit, bufsize
+    cdef char *arena
+    cdef Py_ssize_t *lens
+    cdef int capacity
+
+    def __cinit__(self):
+        self.arena = NULL
+        self.lens = NULL
+        self.capacity = 0
+
+    def __init__(self, int fd, int mtu, counters):
+        self.fd, self.counters = fd, counters
+        self.limit = mtu + ETH_HLEN
+        self.bufsize = mtu + ETH_HLEN + 4 + 1
+
+    cdef int _grow(self, int n) except -1:
+        cdef char *a
+        cdef Py_ssize_t *l
+        if n <= self.capacity:
+            return 0
+        a = <char *>PyMem_Realloc(self.arena, <size_t>n * self.bufsize)
+        if a == NULL:
+            raise MemoryError()
+        self.arena = a
+        l = <Py_ssize_t *>PyMem_Realloc(self.lens, <size_t>n * sizeof(Py_ssize_t))
+        if l == NULL:
+            raise MemoryError()
+        self.lens = l
+        self.capacity = n
+        return 0
+
+    def receive(self, int max_frames):
+        """``(frames, errno)``: up to ``max_frames`` frames as ``bytes``, and the errno
+        that ended the batch (0 for EAGAIN or a full batch) for ``TapPort._rx_error``."""
+        cdef int i, got = 0, err = 0, oversize = 0, fd = self.fd
+        cdef Py_ssize_t r, n, bufsize = self.bufsize, limit = self.limit
+        cdef uint64_t nbytes = 0
+        cdef list out = []
+        cdef char *buf
+        if fd < 0 or max_frames <= 0:
+            return out, 0
+        self._grow(max_frames)
+        with nogil:
+            while got < max_frames:
+                r = read(fd, self.arena + <size_t>got * bufsize, bufsize)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        err = errno
+                    break
+                self.lens[got] = r
+                got += 1
+        for i in range(got):
+            n = self.lens[i]
+            buf = self.arena + <size_t>i * bufsize
+            if _over_mtu(n, limit, <const uint8_t *>buf):
+                oversize += 1
+                continue
+            out.append(PyBytes_FromStringAndSize(buf, n))
+            nbytes += n
+        counters = self.counters
+        counters.rx_packets += len(out)
+        counters.rx_bytes += nbytes
+        if oversize:
+            counters.drop("mtu", oversize, rx=True)
+        return out, err
+
+    def release(self):
+        """Nothing to do: frames are ``bytes``."""
+
+    def transmit(self, frames):
+        """Write each frame (``send_each``'s rules, TAP's error meanings)."""
+        if self.fd < 0:
+            if frames:
+                self.counters.drop("link_down", len(frames), rx=False)
+            return 0
+        return _send_batch(self.fd, frames, self.limit, self.counters, True)
+
+    def close(self):
+        """Forget the fd (the port closes it) and free the buffers."""
+        self.fd = -1
+        PyMem_Free(self.arena)
+        PyMem_Free(self.lens)
+        self.arena, self.lens, self.capacity = NULL, NULL, 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.arena)
+        PyMem_Free(self.lens)
+
+
+cdef inline int _reason(int e, bint tap) noexcept nogil:
+    """A failed write's errno as a drop reason: afpacket's and tap's ``_tx_error_reason``."""
+    if tap:
+        if e == EINVAL:
+            return R_MALFORMED
+        return R_TX_FULL if e == EAGAIN or e == ENOBUFS else R_LINK_DOWN
+    if e == EAGAIN or e == ENOBUFS or e == ENOMEM:
+        return R_TX_FULL
+    if e == EMSGSIZE:
+        return R_MTU
+    if e == EINVAL:
+        return R_MALFORMED
+    return R_LINK_DOWN
+
+
+cdef inline Py_ssize_t _write(int fd, const void *p, Py_ssize_t n) noexcept nogil:
+    """``write()``, repeated on EINTR (as Python's os.write and socket.send do)."""
+    cdef Py_ssize_t r
+    while True:
+        r = write(fd, p, n)
+        if r >= 0 or errno != EINTR:
+            return r
+
+
+cdef inline bint _retry(int fd, const void *p, Py_ssize_t n) noexcept nogil:
+    """``frames._retry``: try again ``TX_RETRIES`` times while the queue stays full."""
+    cdef int k
+    for k in range(C_TX_RETRIES):
+        if _write(fd, p, n) >= 0:
+            return True
+        if errno != EAGAIN and errno != ENOBUFS and errno != ENOMEM:
+            return False
+    return False
+
+
+cdef Py_ssize_t _send_batch(int fd, frames, Py_ssize_t limit, counters, bint tap) except -1:
+    """``ports/frames.py:send_each`` in C: one ``write()`` per frame, GIL released."""
+    cdef Py_ssize_t total = len(frames), got = 0, i, n, sent = 0, r
+    cdef Py_ssize_t n_mtu = 0, n_malformed = 0, n_fail = 0
+    cdef uint64_t nbytes = 0
+    cdef int why, fail = R_OK
+    cdef const uint8_t *p
+    cdef Py_buffer *bufs
+    if total == 0:
+        return 0
+    bufs = <Py_buffer *>PyMem_Malloc(total * sizeof(Py_buffer))
+    if bufs == NULL:
+        raise MemoryError()
+    try:
+        for i in range(total):
+            PyObject_GetBuffer(frames[i], &bufs[i], PyBUF_SIMPLE)
+            got += 1
+        with nogil:
+            for i in range(total):
+                n = bufs[i].len
+                p = <const uint8_t *>bufs[i].buf
+                if _over_mtu(n, limit, p):
+                    n_mtu += 1
+                    continue
+                if n < ETH_HLEN:
+                    n_malformed += 1
+                    continue
+                r = _write(fd, p, n)
+                if r < 0:
+                    why = _reason(errno, tap)
+                    if why == R_TX_FULL and _retry(fd, p, n):
+                        sent += 1
+                        nbytes += n
+                        continue
+                    if why == R_MTU:
+                        n_mtu += 1
+                        continue
+                    if why == R_MALFORMED:
+                        n_malformed += 1
+                        continue
+                    fail, n_fail = why, total - i
+                    break
+                sent += 1
+                nbytes += n
+    finally:
+        for i in range(got):
+            PyBuffer_Release(&bufs[i])
+        PyMem_Free(bufs)
+    if n_mtu:
+        counters.drop("mtu", n_mtu, rx=False)
+    if n_malformed:
+        counters.drop("malformed", n_malformed, rx=False)
+    if fail == R_TX_FULL:
+        counters.drop("tx_full", n_fail, rx=False)
+    elif fail == R_LINK_DOWN:
+        counters.drop("link_down", n_fail, rx=False)
+    counters.tx_packets += sent
+    counters.tx_bytes += nbytes
+    return sent
