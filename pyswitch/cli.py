@@ -97,6 +97,7 @@ def _how_to_reach(cfg: SwitchConfig) -> list[str]:
 
 
 def _run_daemon(args: argparse.Namespace, initial: SwitchConfig | None, db: Path | None) -> int:
+    from . import fastpath
     from .daemon import Daemon  # late import: keeps the client verbs light
     from .db import DatabaseError
     from .port import PortError
@@ -108,7 +109,12 @@ def _run_daemon(args: argparse.Namespace, initial: SwitchConfig | None, db: Path
         override["address"] = args.metrics_address
     if args.metrics_port is not None:
         override["port"] = args.metrics_port
-    d = Daemon(args.rundir, db, getattr(args, "control_group", None), override)
+    try:
+        fastpath.select(args.datapath)
+    except fastpath.DatapathError as exc:
+        log.error("%s", exc)
+        return 1
+    d = Daemon(args.rundir, db, getattr(args, "control_group", None), override, pmd=args.pmd)
     d.switch.loop.install_signal_handlers()  # a SIGTERM while starting stops it cleanly after
     try:
         d.start(initial)
@@ -294,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--metrics-address", help="serve /metrics on this address (overrides the configuration)")
         sp.add_argument("--metrics-port", type=int, help="serve /metrics on this port (0: any free port)")
         sp.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+        sp.add_argument("--datapath", choices=("auto", "compiled", "python"),
+                        default=os.environ.get("PYSWITCH_DATAPATH", "auto"),
+                        help="the compiled fast path, the Python one, or auto: compiled when it is "
+                             "built, else python with a warning (default $PYSWITCH_DATAPATH or auto)")
+        sp.add_argument("--pmd", action="store_true",
+                        help="poll every port without sleeping, as OVS-DPDK's PMD threads: lowest "
+                             "latency, one core always busy (default: sleep when idle)")
     verb("check", "validate a YAML topology without creating anything", cmd_check).add_argument("topology")
     verb("show-default", "print the embedded default topology", cmd_show_default)
 

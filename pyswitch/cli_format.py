@@ -12,6 +12,9 @@ def _options_text(options: dict[str, str]) -> str:
 def show(data: dict[str, Any]) -> str:
     """Like ``ovs-vsctl show``: bridges, ports, interfaces, their types, options and state."""
     lines: list[str] = []
+    dp = data.get("datapath")
+    if dp:
+        lines.append(f"    datapath: {dp['active']} (requested {dp['requested']}, pmd {dp['pmd']})")
     for br in data["bridges"]:
         lines.append(f"    Bridge {br['name']}")
         lines.append(f"        fail_mode: {br['fail_mode']}")

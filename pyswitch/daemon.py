@@ -36,7 +36,7 @@ from .metrics import MetricsConfig, MetricsError, MetricsServer, start_metrics_s
 from .packet import mac_str
 from .port import PortError
 from .reconcile import execute, plan
-from .stats import port_stats
+from .stats import port_stats, process_stats
 from .switch import Switch
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 class Daemon:
     def __init__(self, rundir: Path, db: Path | None = None, group: str | None = None,
-                 metrics_override: dict[str, Any] | None = None) -> None:
-        self.switch = Switch()
+                 metrics_override: dict[str, Any] | None = None, pmd: bool = False) -> None:
+        self.switch = Switch(pmd=pmd)
         #: command-line settings of /metrics that win over the configuration (not saved)
         self.metrics_override = metrics_override or {}
         self.metrics: MetricsServer | None = None
@@ -233,7 +233,8 @@ class Daemon:
             bridges.append({"name": bname, "fail_mode": bcfg.fail_mode,
                             "mac_aging_time": bcfg.mac_aging_time,
                             "mac_table_size": bcfg.mac_table_size, "ports": ports})
-        return {"bridges": bridges}
+        dp = process_stats(self.switch)["datapath"]
+        return {"datapath": dp, "bridges": bridges}
 
     def _fdb_show(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         br = self.switch.bridges[self._bridge(params)]

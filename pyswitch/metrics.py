@@ -229,6 +229,12 @@ def _families(ports: dict[str, dict[str, Any]], bridges: dict[str, dict[str, Any
     info = GaugeMetricFamily("pyswitch_build_info", "pyswitch version.", labels=["version"])
     info.add_metric([__version__], 1)
     yield info
+    dp = process["datapath"]
+    path = GaugeMetricFamily("pyswitch_datapath_info", "The data path that runs: compiled "
+                             "kernels or the Python reference, as asked and with pmd polling or not.",
+                             labels=["path", "requested", "pmd"])
+    path.add_metric([dp["active"], dp["requested"], dp["pmd"]], 1)
+    yield path
     yield from _port_families(ports)
     yield from _vhost_families(ports)
     yield from _bridge_families(bridges)

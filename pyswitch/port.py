@@ -179,6 +179,16 @@ class Port(abc.ABC):
     def release(self) -> None:  # noqa: B027 - optional hook
         """The switch is done with the last batch from :meth:`receive`."""
 
+    def poll_mode(self, polling: bool) -> bool:
+        """The switch starts (True) or stops (False) polling this port while traffic flows.
+
+        A port whose peer notifies it (a vhost-user guest's kicks) may ask the peer not to
+        while it is polled, and to notify again when polling stops.  Returns True when
+        frames arrived while notifications were off (the switch then keeps polling: the
+        check closes the race between the last poll and the peer's next notification).
+        """
+        return False
+
     @abc.abstractmethod
     def transmit(self, frames: Sequence[Frame]) -> int:
         """Send ``frames`` out of the switch through this port; never blocks.

@@ -213,10 +213,13 @@ class CookieTotals:
 
 
 def process_stats(switch: Any) -> dict[str, Any]:
-    """``loop_iterations``, ``loop_busy_seconds`` and ``batch_sizes`` (a copy: index n =
-    received batches of n frames)."""
+    """``datapath`` (which path runs, see :mod:`pyswitch.fastpath`), ``loop_iterations``,
+    ``loop_busy_seconds`` and ``batch_sizes`` (a copy: index n = received batches of n frames)."""
+    from . import fastpath
+
     loop = switch.loop
     return {
+        "datapath": {**fastpath.current().as_dict(), "pmd": "true" if switch.pmd else "false"},
         "loop_iterations": loop.iterations,
         "loop_busy_seconds": float(loop.busy_seconds),
         "batch_sizes": list(switch.batch_sizes),

@@ -7,6 +7,14 @@ one batch: ``receive`` -> ``Bridge.process`` -> ``transmit`` on each output port
 ``release``.  Timers age the MAC tables.
 
 Ports are numbered per bridge like OpenFlow ports (1, 2, ...), lowest free number first.
+
+Polling.  A port is serviced when its file descriptors (or kicks) say it has frames.
+While traffic flows the switch *polls* it instead: a port that gave frames stays ready
+until ``POLL_LINGER`` seconds pass without any, with its peer's notifications off
+(:meth:`Port.poll_mode`), then goes back to sleep on its descriptors.  An idle switch
+sleeps in ``epoll_wait``.  With ``pmd=True`` (OVS-DPDK's poll-mode threads) every port is
+polled on every loop iteration (a port is never taken off the ready set, so the loop never
+waits in ``epoll_wait``): a core spins, for the lowest latency.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_RETIRED = 4096
 #: How often MAC tables are swept for aged entries (lookups also expire lazily).
 AGING_SWEEP_INTERVAL = 1.0
+#: How long a port that received frames is polled after its last frame.
+POLL_LINGER = 0.0005
 
 
 class _PortIO:
@@ -57,19 +67,22 @@ class _PortIO:
 class _Attached:
     """A port as the switch holds it: the object, its bridge and its number there."""
 
-    __slots__ = ("port", "bridge", "no", "config")
+    __slots__ = ("port", "bridge", "no", "config", "last_rx", "polling")
 
     def __init__(self, port: Port, bridge: Bridge, no: int, config: PortConfig) -> None:
         self.port = port
         self.bridge = bridge
         self.no = no
         self.config = config
+        self.last_rx = 0.0  # the loop's clock at the last non-empty batch
+        self.polling = False  # notifications off, polled while traffic flows
 
 
 class Switch:
     """Bridges and ports, running on one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, pmd: bool = False) -> None:
+        self.pmd = pmd
         self.loop = EventLoop(self._service)
         self.bridges: dict[str, Bridge] = {}
         self._ports: dict[str, _Attached] = {}
@@ -147,6 +160,8 @@ class Switch:
         self._ports[pcfg.name] = att
         self._by_port[port] = att
         self._outputs[bridge][no] = port
+        if self.pmd:
+            self.loop.set_ready(port)
         log.info("bridge %s: added port %s (type %s, ofport %d%s)", bridge, pcfg.name,
                  pcfg.type, no, _vlan_text(pcfg.vlan))
         return port
@@ -193,10 +208,14 @@ class Switch:
         src = att.port
         frames = src.receive(MAX_BURST)
         if not frames:
-            return False
+            return self._idle(att)
         self.batch_sizes[min(len(frames), MAX_BURST)] += 1
+        now = att.last_rx = self.loop.now()
+        if not att.polling:
+            att.polling = True
+            src.poll_mode(True)
         try:
-            out = att.bridge.process(att.no, frames, self.loop.now())
+            out = att.bridge.process(att.no, frames, now)
             outputs = self._outputs[att.bridge.name]
             for no, batch in out.items():
                 dst = outputs.get(no)
@@ -209,7 +228,24 @@ class Switch:
                     log.exception("port %s: transmit failed", dst.name)
         finally:
             src.release()
-        return len(frames) >= MAX_BURST
+        return True
+
+    def _idle(self, att: _Attached) -> bool:
+        """A poll found nothing: keep polling (pmd, or within POLL_LINGER of the last
+        frame), else turn the peer's notifications back on and sleep."""
+        if self.pmd:
+            return True
+        if not att.polling:
+            return False
+        if self.loop.now() - att.last_rx < POLL_LINGER:
+            return True
+        att.polling = False
+        if att.port.poll_mode(False):  # frames came while notifications were off
+            att.polling = True
+            att.port.poll_mode(True)
+            att.last_rx = self.loop.now()
+            return True
+        return False
 
     def set_flows(self, bridge: str, texts: list[str] | None) -> None:
         """Make ``bridge``'s flow tables hold ``texts`` (None: the fail mode's default)."""

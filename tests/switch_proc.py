@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -51,12 +52,14 @@ class SwitchProcess:
             raise AssertionError(f"pyswitch {' '.join(args)} exited {r.returncode}: {r.stderr}")
         return r
 
-    def start(self, topology: str, timeout: float = 30) -> "SwitchProcess":
+    def start(self, topology: str, timeout: float = 30, args: Sequence[str] = ()) -> "SwitchProcess":
+        """Run ``pyswitch up`` on ``topology`` (YAML text) with extra ``args``; return once
+        it is running."""
         path = self.workdir / "topology.yaml"
         path.write_text(topology)
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyswitch", "up", str(path), "--metrics-port", "0"],
+            [sys.executable, "-m", "pyswitch", "up", str(path), "--metrics-port", "0", *args],
             stdout=self._logf, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
         )
         deadline = time.monotonic() + timeout
@@ -114,10 +117,10 @@ def pyswitch_up(tmp_path, prefix):
         pytest.fail("end-to-end tests need root (network namespaces, veth, TAP)")
     started: list[SwitchProcess] = []
 
-    def start(topology: str) -> SwitchProcess:
+    def start(topology: str, args: Sequence[str] = ()) -> SwitchProcess:
         sp = SwitchProcess(tmp_path)
         started.append(sp)
-        return sp.start(topology)
+        return sp.start(topology, args=args)
 
     yield start
     for sp in started:
