@@ -19,7 +19,6 @@ is logged and counted, and it starts once the setup is complete.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -29,20 +28,13 @@ from pyswitch.ports.vhostuser import protocol as p
 
 from tests.netns_util import wait_until
 from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
-from tests.vhost_live import LiveSwitch, open_fds
 
+pytest.register_assert_rewrite("tests.vhost_live")
+from tests.vhost_live import Session, status
+
+pytest_plugins = ["tests.vhost_live"]  # fixtures live, session
 R = p.Request
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSwitch]:
-    sw = LiveSwitch(tmp_path_factory.mktemp("hostile"))
-    try:
-        yield sw
-        sw.assert_healthy()
-    finally:
-        sw.close()
 
 
 @pytest.fixture
@@ -62,23 +54,6 @@ def memfd(size: int = MiB) -> int:
     fd = os.memfd_create("pst-hostile", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     return fd
-
-
-def closed_by_switch(sock: socket.socket, timeout: float = 3.0) -> bool:
-    """True if the switch closed the connection (EOF after any replies) within ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(4096):
-            pass
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return True
-
-
-def status(reply: p.Message) -> int:
-    return p.U64.unpack(reply.payload)[0]
 
 
 # -- one fd of each kind that is not what the request needs -------------------------------
@@ -145,52 +120,6 @@ def send_fd(fe: Frontend, req: int, payload: bytes, make: Callable[[], tuple[int
     finally:
         for f in (fd, *keep):
             os.close(f)
-
-
-# -- the harness of every case --------------------------------------------------------------
-
-class Session:
-    """One hostile front end: counts, log lines and fds checked around it."""
-
-    def __init__(self, live: LiveSwitch, caplog: pytest.LogCaptureFixture) -> None:
-        self.live, self.caplog = live, caplog
-        assert live.disconnected(), "a previous case left a front end connected"
-        self.fds = open_fds()
-        self.errors = live.stat("protocol_errors")
-        self.fe = Frontend.connect(live.path)
-        assert wait_until(lambda: live.port.conn is not None)  # type: ignore[attr-defined]
-
-    def warned(self) -> list[str]:
-        return [r.getMessage() for r in self.caplog.records
-                if r.levelno >= logging.WARNING and self.live.name in r.getMessage()]
-
-    def assert_refused(self, closed: bool) -> None:
-        live = self.live
-        assert wait_until(lambda: live.stat("protocol_errors") > self.errors), "not counted"
-        assert self.warned(), "no warning naming the port"
-        if closed:
-            assert closed_by_switch(self.fe.sock), "the switch did not close the connection"
-        else:  # the port refused the request and keeps serving this front end
-            assert self.fe.request(R.GET_QUEUE_NUM).payload == p.U64.pack(8)
-
-    def close(self) -> None:
-        self.fe.close()
-        assert self.live.disconnected()
-        assert wait_until(lambda: open_fds() == self.fds), (
-            f"fds leaked: {open_fds()} open, {self.fds} before")
-        self.live.assert_healthy()
-
-
-@pytest.fixture
-def session(live: LiveSwitch, caplog: pytest.LogCaptureFixture) -> Iterator[Session]:
-    caplog.set_level(logging.WARNING)
-    with live.traffic():
-        s = Session(live, caplog)
-        try:
-            yield s
-        finally:
-            s.close()
-    assert live.forwards()
 
 
 # -- transport: headers and sizes -------------------------------------------------------------

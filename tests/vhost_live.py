@@ -13,7 +13,11 @@ must keep forwarding between ``a`` and ``b``:
   no exception reached a log record (the loop logs handler exceptions instead of dying:
   a record with ``exc_info`` is an exception that escaped a handler).
 
-:func:`open_fds` and :func:`rss_kib` read /proc for leak checks.
+:class:`Session` is one hostile front end with the checks every case makes (counted,
+logged, refused or closed, no fd left behind, forwarding went on); the fixtures ``live``
+(one running switch per test module) and ``session`` are used through
+``pytest_plugins = ["tests.vhost_live"]``.  :func:`open_fds` and :func:`rss_kib` read
+/proc for leak checks.
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from pyswitch.ports.vhostuser import protocol as p
+
 from pyswitch.switch import Switch
 from pyswitch.topology import load_topology_text
 from tests.netns_util import wait_until
+from tests.vhost_frontend import Frontend
 
+R = p.Request
 BROADCAST = b"\xff" * 6
 
 
@@ -145,4 +155,78 @@ def rss_kib(pid: int | str = "self") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS in /proc status")
+
+
+def closed_by_switch(sock: socket.socket, timeout: float = 3.0) -> bool:
+    """True if the switch closed the connection (EOF after any replies) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def status(reply: p.Message) -> int:
+    return p.U64.unpack(reply.payload)[0]
+
+
+# -- the harness of every case --------------------------------------------------------------
+
+class Session:
+    """One hostile front end: counts, log lines and fds checked around it."""
+
+    def __init__(self, live: LiveSwitch, caplog: pytest.LogCaptureFixture) -> None:
+        self.live, self.caplog = live, caplog
+        assert live.disconnected(), "a previous case left a front end connected"
+        self.fds = open_fds()
+        self.errors = live.stat("protocol_errors")
+        self.fe = Frontend.connect(live.path)
+        assert wait_until(lambda: live.port.conn is not None)  # type: ignore[attr-defined]
+
+    def warned(self) -> list[str]:
+        return [r.getMessage() for r in self.caplog.records
+                if r.levelno >= logging.WARNING and self.live.name in r.getMessage()]
+
+    def assert_refused(self, closed: bool) -> None:
+        live = self.live
+        assert wait_until(lambda: live.stat("protocol_errors") > self.errors), "not counted"
+        assert self.warned(), "no warning naming the port"
+        if closed:
+            assert closed_by_switch(self.fe.sock), "the switch did not close the connection"
+        else:  # the port refused the request and keeps serving this front end
+            assert self.fe.request(R.GET_QUEUE_NUM).payload == p.U64.pack(8)
+
+    def close(self) -> None:
+        self.fe.close()
+        assert self.live.disconnected()
+        assert wait_until(lambda: open_fds() == self.fds), (
+            f"fds leaked: {open_fds()} open, {self.fds} before")
+        self.live.assert_healthy()
+
+
+@pytest.fixture
+def session(live: LiveSwitch, caplog: pytest.LogCaptureFixture) -> Iterator[Session]:
+    caplog.set_level(logging.WARNING)
+    with live.traffic():
+        s = Session(live, caplog)
+        try:
+            yield s
+        finally:
+            s.close()
+    assert live.forwards()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSwitch]:
+    sw = LiveSwitch(tmp_path_factory.mktemp("hostile"))
+    try:
+        yield sw
+        sw.assert_healthy()
+    finally:
+        sw.close()
+
 
