@@ -617,3 +617,19 @@ def test_socket_in_use_by_a_server_that_does_not_accept_is_refused_at_once(tmp_p
         with pytest.raises(PortError, match="in use"):
             VhostUserServerPort("p1", {"vhost-sock-dir": str(tmp_path)}).open()
     assert os.path.exists(path)  # a live server's socket is left alone
+
+
+def test_poll_mode_asks_the_guest_not_to_kick(server, fe, ram):
+    """While the switch polls the port, the transmitqs carry NO_NOTIFY; when polling
+    stops the flag goes and a frame queued meanwhile is reported (no lost wake-up)."""
+    ((rxq, txq),) = bring_up(fe, ram, features=OFFERED_FEATURES & ~(1 << VIRTIO_RING_F_EVENT_IDX))
+    txq.send_frame(frame(3))
+    fe.kick(1)
+    assert wait_for(lambda: len(server.sink) == 1)
+    assert server.call(lambda: server.port.poll_mode(True)) is False
+    assert txq.used_flags() & 1  # VIRTQ_USED_F_NO_NOTIFY
+    assert server.call(lambda: server.port.poll_mode(False)) is False  # nothing waiting
+    assert not txq.used_flags() & 1
+    server.call(lambda: server.port.poll_mode(True))
+    txq.send_frame(frame(4))  # no kick: the guest was told not to
+    assert server.call(lambda: server.port.poll_mode(False)) is True

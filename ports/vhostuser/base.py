@@ -269,6 +269,21 @@ class VhostUserPort(Port):
                     self.io.rx_ready()
                     break
 
+    def poll_mode(self, polling: bool) -> bool:
+        """While the switch polls this port, ask the guest not to kick its transmitqs
+        (used.flags NO_NOTIFY; with EVENT_IDX, avail_event left behind — the next batch
+        re-arms it); when polling stops, ask again, then look once more: a frame the guest
+        queued just before it saw the request would otherwise wait for the next kick."""
+        pending = False
+        for ring in self._tx:
+            q = ring.queue
+            if q is None:
+                continue
+            q.ask_kicks(not polling)
+            if not polling and q.pending():
+                pending = True
+        return pending
+
     def _return_pending(self) -> None:
         """Put pending TX heads on the used rings (one used.idx update and call each)."""
         for ring, heads in self._pending:
