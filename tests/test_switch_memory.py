@@ -1,5 +1,7 @@
 """The runtime with in-memory ports: frames go through the real event loop, no root."""
 
+import time
+
 import pytest
 
 from pyswitch.switch import Switch
@@ -149,3 +151,32 @@ def test_counters_survive_a_re_add_that_fails(sw):
         sw.add_port("br0", PortConfig("m1", "veth", {"existing": "true"}))
     sw.add_port("br0", PortConfig("m1", "memory"))
     assert sw.port("m1").counters.rx_packets == 3
+
+
+def test_a_port_is_polled_while_traffic_flows_then_sleeps(sw, monkeypatch):
+    """After a batch the port stays ready (polled, its peer's notifications off) until
+    POLL_LINGER passes without frames; then poll_mode(False) and the loop sleeps."""
+    m1 = sw.port("m1")
+    calls: list[bool] = []
+    monkeypatch.setattr(m1, "poll_mode", lambda polling: calls.append(polling) or False)
+    m1.inject([frame(BCAST, mac(1))])
+    sw.loop.run_once(max_wait=0.01)  # the fd fires: m1 is ready
+    sw.loop.run_once(max_wait=0.01)  # serviced: one frame, polling starts
+    assert calls == [True]
+    assert m1 in sw.loop._ready  # still polled, no fd needed
+    deadline = time.monotonic() + 2
+    while len(calls) < 2 and time.monotonic() < deadline:  # empty polls until the linger passed
+        sw.loop.run_once(max_wait=0.01)
+    assert calls == [True, False]
+    assert m1 not in sw.loop._ready
+
+
+def test_pmd_polls_every_port_always():
+    s = Switch(pmd=True)
+    try:
+        s.build(load_topology_text(TOPO, "t.yaml"))
+        pump(s, 3)
+        assert {s.port(n) for n in ("m1", "m2", "m3", "t1")} <= set(s.loop._ready)
+    finally:
+        s.close()
+        s.loop.close()
