@@ -29,15 +29,32 @@ depends only on the key and the rules, so the cache is checked against the table
 effect on the very next frame.  No matching rule, or a decision with no output, drops
 the frame (``drops: flow``).  A bridge whose only rule is the default
 ``priority=0 actions=NORMAL`` skips key extraction altogether.
+
+This module is the plain-Python data path, the reference.  With the compiled path
+(``pyswitch.fastpath``), ``process`` hands the frames to :mod:`pyswitch.bridge_fast`
+instead: the ``_emc`` kernel repeats cached decisions, and a slow path over this
+bridge's tables, MAC table and VLANs makes them, with the same outputs and counters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from types import ModuleType
+from typing import Any
 
+from . import fastpath
 from .fdb import DEFAULT_AGING_TIME, DEFAULT_MAX_ENTRIES, MacTable
-from .flows import Decision, FlowEntry, FlowFilter, FlowTables, PortNames, decide, extract, parse_flow
+from .flows import (
+    Decision,
+    FlowEntry,
+    FlowFilter,
+    FlowTables,
+    PortNames,
+    decide,
+    extract,
+    parse_flow,
+)
 from .flows.model import Action, Flow
 from .packet import ETH_HLEN, push_tag, set_vid, strip_tag, vlan_tci
 from .port import Frame, PortCounters
@@ -83,6 +100,9 @@ class Bridge:
     created: float = 0.0  # the loop's clock when the bridge was made (default rule's age)
     ports: dict[int, BridgePort] = field(default_factory=dict)
     stats: BridgeStats = field(default_factory=BridgeStats)
+    #: the ``_emc`` kernel module for the compiled path, None for the Python path;
+    #: "auto": what ``fastpath.kernel("_emc")`` says for this process
+    kernel: ModuleType | str | None = field(default="auto", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.fdb = MacTable(self.aging_time, self.max_entries)
@@ -93,7 +113,20 @@ class Bridge:
         self._cache: dict[tuple, Decision] = {}
         self._normal_only: FlowEntry | None = None  # the sole default rule, if that is all
         self._normal_only_gen = -1
+        self.config_epoch = 0  # bumped by port, VLAN and aging changes (the fast path's cache)
+        self._fast: Any = None
         self.set_flows(None, self.created)
+        if self.kernel == "auto":
+            self.kernel = fastpath.kernel("_emc")
+        if self.kernel is not None:
+            from .bridge_fast import FastPath
+
+            self._fast = FastPath(self, self.kernel)
+
+    @property
+    def datapath(self) -> str:
+        """``compiled`` or ``python``: which implementation ``process`` runs."""
+        return "python" if self._fast is None else "compiled"
 
     def _port_number(self, name: str) -> int | None:
         p = self.port_by_name(name)
@@ -108,11 +141,13 @@ class Bridge:
         if no in self.ports:
             raise ValueError(f"port number {no} already on bridge {self.name}")
         self.ports[no] = BridgePort(no, name, vlan, counters)
+        self.config_epoch += 1
         self._flood_cache.clear()
         self.flows.invalidate()
 
     def remove_port(self, no: int) -> None:
         self.ports.pop(no, None)
+        self.config_epoch += 1
         self.fdb.flush(port=no)
         self._flood_cache.clear()
         self.flows.invalidate()
@@ -126,6 +161,7 @@ class Bridge:
             wanted = [DEFAULT_FLOW] if self.fail_mode == "standalone" else []
         else:
             wanted = [parse_flow(t, self.names) for t in texts]
+        self.sync()  # rules that go leave with the counts of every frame they matched
         keep = set(wanted)
         for e in self.flows.entries():
             if e.flow not in keep:
@@ -139,10 +175,13 @@ class Bridge:
 
     def set_port_vlan(self, no: int, vlan: PortVlan) -> None:
         self.ports[no].vlan = vlan
+        self.config_epoch += 1
         self.fdb.flush(port=no)
         self._flood_cache.clear()
 
     def set_mac_limits(self, aging_time: float, max_entries: int) -> None:
+        self.sync()  # cached frames' learning first: a smaller table evicts the least recent
+        self.config_epoch += 1
         self.fdb.set_limits(aging_time, max_entries)
         self.aging_time, self.max_entries = aging_time, max_entries
 
@@ -165,6 +204,8 @@ class Bridge:
         if inp is None or not frames:
             return out
         self.stats.frames += len(frames)
+        if self._fast is not None:
+            return self._fast.process(inp, frames, now)
         default = self._default_only()
         if default is not None:
             nbytes = 0
@@ -296,8 +337,18 @@ class Bridge:
     def expire(self, now: float) -> list[FlowEntry]:
         """Age out MAC entries and expire timed-out rules; called periodically by the
         runtime.  Returns the rules that expired."""
+        self.sync(now)
         self.fdb.expire(now)
         return self.flows.expire(now)
+
+
+    def sync(self, now: float | None = None) -> None:
+        """Bring rule counters and MAC ages up to date with the frames the compiled
+        path forwarded from its cache (nothing to do on the Python path).  Call before
+        reading them (dump-flows, fdb/show); ``now`` is not needed: each cached
+        decision keeps the time it was last used."""
+        if self._fast is not None:
+            self._fast.sync()
 
 
 def _egress_frame(frame: Frame, tci: int | None, vid: int | None, vlan: int, form: int) -> Frame:

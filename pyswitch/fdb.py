@@ -14,8 +14,10 @@ least recently (the table is an LRU kept in an ordered dict, refreshed on every 
 so a flood of spoofed sources cannot grow memory without bound.
 
 The table is pure: no clock reads, ``now`` is a parameter.  ``generation`` increases on
-every change that can alter a forwarding decision (new MAC, move, removal), so caches
-of decisions can tell they are stale.
+every change that can alter a forwarding decision (new MAC, move, removal by aging,
+eviction or flush), so caches of decisions can tell they are stale.  A refresh of a
+MAC already on its port is no such change: the compiled fast path replays those
+later with :meth:`touch`, and bounds its cached lookups with :meth:`last_seen`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ class MacTable:
         self._entries[key] = [port, now]
         self.stats.learned += 1
         self.generation += 1
+
+    def touch(self, vlan: int, mac: bytes, port: int, now: float) -> None:
+        """What :meth:`learn` does for a MAC already known on ``port`` (refresh its
+        time and LRU place); nothing when it is absent or elsewhere.  The compiled fast
+        path replays the learning of cached frames with it: an entry removed or moved
+        in between stays so, as it would had the refresh come first."""
+        if not self.aging_time:
+            return
+        key = (vlan, mac)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == port:
+            entry[1] = now
+            self._entries.move_to_end(key)
+
+    def last_seen(self, vlan: int, mac: bytes) -> float | None:
+        """When ``mac`` was last seen in ``vlan`` (aged or not), or None."""
+        entry = self._entries.get((vlan, mac))
+        return None if entry is None else entry[1]
 
     def lookup(self, vlan: int, mac: bytes, now: float) -> int | None:
         """The port ``mac`` was last seen on in ``vlan``, or None (unknown or aged out)."""

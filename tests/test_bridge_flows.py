@@ -1,9 +1,13 @@
-"""The flow table in front of NORMAL, pure (manual clock): cache, generations, counters."""
+"""The flow table in front of NORMAL, pure (manual clock): cache, generations, counters.
+
+On both data paths (``both_paths`` from tests/test_bridge.py).  Rule counters are read
+after ``Bridge.sync``, as dump-flows reads them (the compiled path credits them then).
+"""
 
 from pyswitch.bridge import Bridge
 from pyswitch.port import PortCounters
 from pyswitch.vlan import PortVlan
-from tests.test_bridge import BCAST, frame, mac
+from tests.test_bridge import BCAST, both_paths, frame, mac  # noqa: F401 (autouse fixture)
 
 TRUNK = PortVlan.make()
 
@@ -20,6 +24,7 @@ def test_fresh_standalone_bridge_is_a_learning_switch_with_the_default_rule():
     assert [e.flow.priority for e in br.flows.entries()] == [0]
     out = br.process(1, [frame(BCAST, mac(1))] * 3, now=1)
     assert sorted(out) == [2, 3]
+    br.sync(now=1)
     assert br.flows.entries()[0].n_packets == 3  # the default rule is credited
     assert br.stats.flow_cache_misses == 0  # and the fast path skipped key extraction
 
