@@ -5,7 +5,8 @@ docs/topology.md), so an operator can read it, back it up, or ``apply`` it elsew
 
 Saving writes a temporary file in the same directory, fsyncs it, renames it over the old
 one and fsyncs the directory: a crash at any point leaves either the old or the new file,
-never a half-written one.  Loading refuses a file it cannot read or validate, with the
+never a half-written one.  A crash between writing and renaming leaves the temporary
+file (``.<name>.<random>``) behind; the next save removes such leftovers.  Loading refuses a file it cannot read or validate, with the
 reason, and never overwrites it: the daemon stops instead, and the operator decides.
 """
 
@@ -46,6 +47,7 @@ class ConfigStore:
     def save(self, cfg: SwitchConfig) -> None:
         """Write ``cfg`` atomically (see the module docstring)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         data = (HEADER + dump_topology(cfg)).encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
@@ -66,3 +68,12 @@ class ConfigStore:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of saves that a crash interrupted (only the daemon, one per
+        run directory, saves: none of them is being written now)."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
