@@ -41,6 +41,8 @@ from tests.vhost_frontend import Frontend
 
 R = p.Request
 BROADCAST = b"\xff" * 6
+#: Source MAC of the frames injected on port a (the bridge learns it there).
+A_MAC = b"\x02\x00\x00\x00\x00\x0a"
 
 
 class _ExcRecords(logging.Handler):
@@ -66,7 +68,8 @@ class LiveSwitch:
         self.sw = Switch()
         self._exc = _ExcRecords()
         logging.getLogger().addHandler(self._exc)
-        self._seq = 0
+        self._seq = 0  # frames made so far (all of them go a -> b)
+        self._lock = threading.Lock()
         try:
             self.sw.build(load_topology_text(topo, "hostile.yaml"))
             self.port = self.sw.port(self.name)
@@ -74,6 +77,7 @@ class LiveSwitch:
             self._thread = threading.Thread(target=self.sw.run, name="pst-hostile-loop")
             self._thread.start()
             assert wait_until(lambda: self.sw.loop.iterations > 0), "switch loop did not start"
+            assert self.forwards(1), "a -> b does not forward"  # and the bridge learns A_MAC
         except BaseException:
             self.close()
             raise
@@ -84,10 +88,11 @@ class LiveSwitch:
     def frames(self, n: int) -> list[bytes]:
         """``n`` distinct broadcast frames from a's MAC (flooded to b and the vhost port)."""
         out = []
-        for _ in range(n):
-            self._seq += 1
-            out.append(BROADCAST + b"\x02\x00\x00\x00\x00\x0a\x08\x00"
-                       + self._seq.to_bytes(8, "big") + bytes(38))
+        with self._lock:  # the traffic thread and the test thread both make frames
+            first, self._seq = self._seq, self._seq + n
+        for seq in range(first + 1, first + n + 1):
+            out.append(BROADCAST + A_MAC + b"\x08\x00"
+                       + seq.to_bytes(8, "big") + bytes(38))
         return out
 
     def forwards(self, n: int = 16, timeout: float = 5.0) -> bool:
@@ -102,12 +107,11 @@ class LiveSwitch:
         """Forward a -> b on a thread for the duration of the block; on exit assert every
         injected frame came out of b (the hostile session did not stall the switch)."""
         a, b = self.sw.port("a"), self.sw.port("b")
-        before, sent, stop = b.counters.tx_packets, [0], threading.Event()
+        before, made, stop = b.counters.tx_packets, self._seq, threading.Event()
 
         def run() -> None:
             while not stop.is_set():
                 a.inject(self.frames(1))  # type: ignore[attr-defined]
-                sent[0] += 1
                 stop.wait(interval)
 
         th = threading.Thread(target=run, name="pst-traffic")
@@ -117,14 +121,16 @@ class LiveSwitch:
         finally:
             stop.set()
             th.join(5)
-        assert sent[0] > 0
-        assert wait_until(lambda: b.counters.tx_packets - before == sent[0]), (
-            f"other ports stalled: {b.counters.tx_packets - before} of {sent[0]} frames forwarded")
+        sent = self._seq - made  # by the thread, and by forwards() meanwhile
+        assert sent > 0
+        assert wait_until(lambda: b.counters.tx_packets - before == sent), (
+            f"other ports stalled: {b.counters.tx_packets - before} of {sent} frames forwarded")
 
     def assert_healthy(self) -> None:
         assert self._thread.is_alive(), "the switch loop thread died"
         n = self.sw.loop.iterations
-        assert wait_until(lambda: self.sw.loop.iterations > n), "the switch loop stopped iterating"
+        assert self.forwards(1), "a -> b stopped forwarding"  # an event: the loop wakes up
+        assert self.sw.loop.iterations > n, "the switch loop stopped iterating"
         escaped = [r.getMessage() for r in self._exc.records]
         assert not escaped, f"exceptions escaped into the log: {escaped}"
 
