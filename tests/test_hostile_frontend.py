@@ -18,7 +18,6 @@ is logged and counted, and it starts once the setup is complete.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from tests.netns_util import wait_until
 from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
-from tests.vhost_live import Session, status
+from tests.vhost_live import FD_KINDS, Session, memfd, status
 
 pytest_plugins = ["tests.vhost_live"]  # fixtures live, session
 R = p.Request
@@ -50,66 +49,10 @@ def table(*regions: tuple[int, int, int, int], n: int | None = None) -> bytes:
         p.MEM_REGION.pack(*r) for r in regions)
 
 
-def memfd(size: int = MiB) -> int:
-    fd = os.memfd_create("pst-hostile", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    return fd
-
-
-# -- one fd of each kind that is not what the request needs -------------------------------
-
-def _pipe() -> tuple[int, list[int]]:
-    r, w = os.pipe()
-    return r, [w]
-
-
-def _socket() -> tuple[int, list[int]]:
-    a, b = socket.socketpair()
-    return a.detach(), [b.detach()]
-
-
-def _devnull() -> tuple[int, list[int]]:
-    fd = os.open("/dev/null", os.O_RDWR)
-    return fd, []
-
-
-def _directory() -> tuple[int, list[int]]:
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
-    return fd, []
-
-
-def _readonly_memfd() -> tuple[int, list[int]]:
-    m = memfd()
-    ro = os.open(f"/proc/self/fd/{m}", os.O_RDONLY)
-    return ro, [m]
-
-
-def _sealed_memfd() -> tuple[int, list[int]]:
-    m = memfd()
-    fcntl.fcntl(m, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
-    return m, []
-
-
-def _short_memfd() -> tuple[int, list[int]]:
-    return memfd(4096), []  # the region says 1 MiB
-
-
-def _eventfd() -> tuple[int, list[int]]:
-    return os.eventfd(0), []
-
-
-def _memfd() -> tuple[int, list[int]]:
-    return memfd(), []
-
-
-NOT_MEMORY: dict[str, Callable[[], tuple[int, list[int]]]] = {
-    "pipe": _pipe, "socket": _socket, "devnull": _devnull, "directory": _directory,
-    "readonly_memfd": _readonly_memfd, "sealed_memfd": _sealed_memfd,
-    "short_memfd": _short_memfd, "eventfd": _eventfd,
-}
-NOT_EVENTFD: dict[str, Callable[[], tuple[int, list[int]]]] = {
-    "pipe": _pipe, "socket": _socket, "devnull": _devnull, "memfd": _memfd,
-}
+NOT_MEMORY = {k: FD_KINDS[k] for k in (
+    "pipe", "socket", "devnull", "directory", "readonly_memfd", "sealed_memfd", "short_memfd",
+    "eventfd")}
+NOT_EVENTFD = {k: FD_KINDS[k] for k in ("pipe", "socket", "devnull", "memfd")}
 
 
 def send_fd(fe: Frontend, req: int, payload: bytes, make: Callable[[], tuple[int, list[int]]]

@@ -22,13 +22,13 @@ from collections.abc import Iterator
 
 import pytest
 from pyswitch.ports.vhostuser import protocol as p
-from pyswitch.ports.vhostuser.device import OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES
+from pyswitch.ports.vhostuser.device import OFFERED_PROTOCOL_FEATURES
 
 from tests.netns_util import wait_until
 from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
-from tests.vhost_live import A_MAC, LiveSwitch, Session, open_fds
+from tests.vhost_live import A_MAC, LiveSwitch, Session, negotiation, open_fds
 
 pytest_plugins = ["tests.vhost_live"]  # fixtures live, session
 R = p.Request
@@ -59,43 +59,6 @@ def guest_sends(live: LiveSwitch, fe: Frontend, txq: DriverQueue, n: int = 3) ->
         txq.send_frame(guest_frame(i))
     fe.kick(1)
     return wait_until(lambda: b.counters.tx_packets - before >= n)
-
-
-def ring_msgs(fe: Frontend, index: int, q: DriverQueue) -> list[tuple[int, bytes, list[int]]]:
-    """NUM, ADDR, BASE, CALL, KICK, ENABLE of one ring, eventfds kept in ``fe``."""
-    a = q.addr(index)
-    call = fe.calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
-    kick = fe.kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
-    return [
-        (R.SET_VRING_NUM, p.VRING_STATE.pack(index, q.size), []),
-        (R.SET_VRING_ADDR, p.VRING_ADDR.pack(index, 0, a.desc, a.used, a.avail, 0), []),
-        (R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0), []),
-        (R.SET_VRING_CALL, p.U64.pack(index), [call]),
-        (R.SET_VRING_KICK, p.U64.pack(index), [kick]),
-        (R.SET_VRING_ENABLE, p.VRING_STATE.pack(index, 1), []),
-    ]
-
-
-def negotiation(fe: Frontend, ram: GuestRAM, rxq: DriverQueue, txq: DriverQueue
-                ) -> list[tuple[int, bytes, list[int]]]:
-    """QEMU's order: owner, features, protocol features, memory, the two rings, then stop."""
-    table = ram.table()
-    mem = p.MEM_TABLE_HEADER.pack(len(table), 0) + b"".join(
-        p.MEM_REGION.pack(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-        for r in table)
-    return [
-        (R.SET_OWNER, b"", []),
-        (R.GET_FEATURES, b"", []),
-        (R.GET_PROTOCOL_FEATURES, b"", []),
-        (R.SET_PROTOCOL_FEATURES, p.U64.pack(int(OFFERED_PROTOCOL_FEATURES)), []),
-        (R.GET_QUEUE_NUM, b"", []),
-        (R.SET_FEATURES, p.U64.pack(OFFERED_FEATURES), []),
-        (R.SET_MEM_TABLE, mem, ram.fds()),
-        *ring_msgs(fe, 0, rxq),
-        *ring_msgs(fe, 1, txq),
-        (R.GET_VRING_BASE, p.VRING_STATE.pack(0, 0), []),
-        (R.GET_VRING_BASE, p.VRING_STATE.pack(1, 0), []),
-    ]
 
 
 STEPS = 6 + 1 + 12 + 2  # len(negotiation(...))

@@ -22,22 +22,24 @@ logged, refused or closed, no fd left behind, forwarding went on); the fixtures 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from pyswitch.ports.vhostuser import protocol as p
+from pyswitch.ports.vhostuser.device import OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES
 
 from pyswitch.switch import Switch
 from pyswitch.topology import load_topology_text
 from tests.netns_util import wait_until
-from tests.vhost_frontend import Frontend
+from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 R = p.Request
 BROADCAST = b"\xff" * 6
@@ -236,3 +238,101 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSwitch]:
         sw.close()
 
 
+# -- fds of every kind ---------------------------------------------------------------------
+
+def memfd(size: int = (1 << 20)) -> int:
+    fd = os.memfd_create("pst-hostile", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _pipe() -> tuple[int, list[int]]:
+    r, w = os.pipe()
+    return r, [w]
+
+
+def _socket() -> tuple[int, list[int]]:
+    a, b = socket.socketpair()
+    return a.detach(), [b.detach()]
+
+
+def _devnull() -> tuple[int, list[int]]:
+    fd = os.open("/dev/null", os.O_RDWR)
+    return fd, []
+
+
+def _directory() -> tuple[int, list[int]]:
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    return fd, []
+
+
+def _readonly_memfd() -> tuple[int, list[int]]:
+    m = memfd()
+    ro = os.open(f"/proc/self/fd/{m}", os.O_RDONLY)
+    return ro, [m]
+
+
+def _sealed_memfd() -> tuple[int, list[int]]:
+    m = memfd()
+    fcntl.fcntl(m, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+    return m, []
+
+
+def _short_memfd() -> tuple[int, list[int]]:
+    return memfd(4096), []  # the region says 1 MiB
+
+
+def _eventfd() -> tuple[int, list[int]]:
+    return os.eventfd(0), []
+
+
+def _memfd() -> tuple[int, list[int]]:
+    return memfd(), []
+
+
+#: Makers of one fd of each kind a hostile front end may send where another is due:
+#: each returns (the fd to send, other fds to close afterwards).
+FD_KINDS: dict[str, Callable[[], tuple[int, list[int]]]] = {
+    "pipe": _pipe, "socket": _socket, "devnull": _devnull, "directory": _directory,
+    "readonly_memfd": _readonly_memfd, "sealed_memfd": _sealed_memfd,
+    "short_memfd": _short_memfd, "eventfd": _eventfd, "memfd": _memfd,
+}
+
+
+# -- a well-behaved negotiation, message by message ------------------------------------
+
+def ring_msgs(fe: Frontend, index: int, q: DriverQueue) -> list[tuple[int, bytes, list[int]]]:
+    """NUM, ADDR, BASE, CALL, KICK, ENABLE of one ring, eventfds kept in ``fe``."""
+    a = q.addr(index)
+    call = fe.calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
+    kick = fe.kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK))
+    return [
+        (R.SET_VRING_NUM, p.VRING_STATE.pack(index, q.size), []),
+        (R.SET_VRING_ADDR, p.VRING_ADDR.pack(index, 0, a.desc, a.used, a.avail, 0), []),
+        (R.SET_VRING_BASE, p.VRING_STATE.pack(index, 0), []),
+        (R.SET_VRING_CALL, p.U64.pack(index), [call]),
+        (R.SET_VRING_KICK, p.U64.pack(index), [kick]),
+        (R.SET_VRING_ENABLE, p.VRING_STATE.pack(index, 1), []),
+    ]
+
+
+def negotiation(fe: Frontend, ram: GuestRAM, rxq: DriverQueue, txq: DriverQueue
+                ) -> list[tuple[int, bytes, list[int]]]:
+    """QEMU's order: owner, features, protocol features, memory, the two rings, then stop."""
+    table = ram.table()
+    mem = p.MEM_TABLE_HEADER.pack(len(table), 0) + b"".join(
+        p.MEM_REGION.pack(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        for r in table)
+    return [
+        (R.SET_OWNER, b"", []),
+        (R.GET_FEATURES, b"", []),
+        (R.GET_PROTOCOL_FEATURES, b"", []),
+        (R.SET_PROTOCOL_FEATURES, p.U64.pack(int(OFFERED_PROTOCOL_FEATURES)), []),
+        (R.GET_QUEUE_NUM, b"", []),
+        (R.SET_FEATURES, p.U64.pack(OFFERED_FEATURES), []),
+        (R.SET_MEM_TABLE, mem, ram.fds()),
+        *ring_msgs(fe, 0, rxq),
+        *ring_msgs(fe, 1, txq),
+        (R.GET_VRING_BASE, p.VRING_STATE.pack(0, 0), []),
+        (R.GET_VRING_BASE, p.VRING_STATE.pack(1, 0), []),
+    ]
