@@ -101,11 +101,11 @@ def frame(payload: bytes, *tags: tuple[int, int]) -> bytes:
 
 TAGGED = [
     frame(b"untagged" + bytes(50)),
-    frame(b"vlan 10 prio 3" + bytes(50), (0x8100, 3 << 13 | 10)),
+    frame(b"vlan 11 prio 3" + bytes(50), (0x8100, 3 << 13 | 11)),  # odd: every bit counts
     frame(b"priority tag" + bytes(50), (0x8100, 5 << 13)),
     frame(b"vid 0 prio 0" + bytes(50), (0x8100, 0)),
-    frame(b"802.1ad" + bytes(50), (0x88A8, 20)),
-    frame(b"qinq" + bytes(50), (0x88A8, 20), (0x8100, 4094)),
+    frame(b"802.1ad" + bytes(50), (0x88A8, 0x1F01)),  # DEI set
+    frame(b"qinq" + bytes(50), (0x88A8, 21), (0x8100, 4093)),
 ]
 
 
