@@ -11,6 +11,14 @@ For each path (the Python reference, the compiled ``_pktio`` kernel) and each po
 * **TAP receive**: ``trafgen`` sends 64-byte frames out of the TAP device (host side);
   the port reads them from its fd.
 * **TAP transmit**: the port writes batches of 32; the TAP's ``rx_packets`` counts them.
+* **ping RTT**: two veth ports forwarded to each other by this script (poll, receive,
+  transmit: no bridge); ``ping`` between their namespaces, 200 echoes 10 ms apart.  The
+  TPACKET_V3 ring hands a block over when it is full or its timer (1 ms) fires, so a lone
+  frame can wait up to that long: this row shows what that costs.
+
+``--tx-ring`` instead compiles (gcc) and runs a small C sender that compares, on a veth,
+one ``send()`` per frame with a ``TPACKET_V2`` TX ring flushed by one ``sendto()`` per 32
+frames: the measurement behind the kernel's choice of a ``write()`` loop.
 
 Prints one table: kpps and the CPU time per frame spent in the port calls.  The machine
 is shared and noisy: compare figures of one run, not across runs.  Everything made
@@ -20,6 +28,8 @@ is shared and noisy: compare figures of one run, not across runs.  Everything ma
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import secrets
 import select
 import subprocess
@@ -97,6 +107,40 @@ def transmit_rate(port: VethPort | TapPort, count: object, seconds: float) -> tu
     return arrived / elapsed / 1e3, elapsed / max(sent, 1) * 1e6
 
 
+def ping_rtt(pktio: object, count: int = 200) -> tuple[float, float]:
+    """(avg, max) ping RTT in µs between two namespaces whose veth ports this loop wires."""
+    tag = secrets.token_hex(3)
+    ports = [VethPort(f"pstl{tag}{x}", {"netns": f"pstl{tag}{x}",
+                                        "peer-address": f"10.213.0.{i}/24"},
+                      pktio=pktio)  # type: ignore[arg-type]
+             for i, x in ((1, "a"), (2, "b"))]
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            stack.callback(port.close)
+            port.open()
+        poll = select.poll()
+        by_fd = {}
+        for port in ports:
+            port.attach(_Io(poll))  # type: ignore[arg-type]
+            by_fd[port._ring.fileno()] = port  # type: ignore[union-attr]
+        ping = subprocess.Popen(["ip", "netns", "exec", f"pstl{tag}a", "ping", "-n", "-q", "-c",
+                                 str(count), "-i", "0.01", "10.213.0.2"],
+                                stdout=subprocess.PIPE, text=True)
+        stack.callback(ping.kill)
+        while ping.poll() is None:
+            for fd, _ in poll.poll(50):
+                src = by_fd[fd]
+                frames = src.receive(32)
+                if frames:
+                    for dst in ports:
+                        if dst is not src:
+                            dst.transmit(frames)
+                    src.release()
+        out = ping.stdout.read() if ping.stdout else ""
+    m = re.search(r"= [\d.]+/([\d.]+)/([\d.]+)/", out)
+    return (float(m.group(1)) * 1e3, float(m.group(2)) * 1e3) if m else (float("nan"),) * 2
+
+
 def run_path(pktio: object, seconds: float) -> dict[str, tuple[float, float]]:
     tag = secrets.token_hex(3)
     out = {}
@@ -119,18 +163,96 @@ def run_path(pktio: object, seconds: float) -> dict[str, tuple[float, float]]:
         out["TAP receive"] = receive_rate(tap, tap.ifname, None, seconds)
     finally:
         tap.close()
+    out["ping RTT avg/max"] = ping_rtt(pktio)
     return out
 
 
+TX_BENCH_C = r"""
+#include <linux/if_packet.h>
+#include <net/if.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+                          return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {  /* IFACE send|ring N: 64-byte frames, prints us/frame */
+    long n = atol(argv[3]), sent = 0;
+    unsigned char fr[60] = {2, 0, 0, 0, 0xcc, 2, 2, 0, 0, 0, 0xcc, 1, 0x88, 0xb5};
+    int fd = socket(AF_PACKET, SOCK_RAW, 0);
+    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_ifindex = if_nametoindex(argv[1])};
+    double t0;
+    if (!strcmp(argv[2], "send")) {
+        bind(fd, (void *)&sll, sizeof sll);
+        t0 = now();
+        for (long i = 0; i < n; i++) sent += send(fd, fr, 60, MSG_DONTWAIT) == 60;
+    } else {
+        int v = TPACKET_V2;
+        struct tpacket_req req = {1 << 16, 4, 2048, 128};
+        setsockopt(fd, SOL_PACKET, PACKET_VERSION, &v, sizeof v);
+        if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof req)) return 1;
+        char *ring = mmap(0, 4 << 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        bind(fd, (void *)&sll, sizeof sll);
+        unsigned cur = 0;
+        t0 = now();
+        for (long i = 0; i < n;) {
+            for (int b = 0; b < 32 && i < n; b++, i++) {
+                struct tpacket2_hdr *h = (void *)(ring + cur * 2048);
+                if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE)
+                    continue;
+                memcpy((char *)h + TPACKET2_HDRLEN - sizeof(struct sockaddr_ll), fr, 60);
+                h->tp_len = 60;
+                __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+                cur = (cur + 1) % 128;
+                sent++;
+            }
+            sendto(fd, NULL, 0, MSG_DONTWAIT, NULL, 0);
+        }
+    }
+    printf("%.2f %ld\n", (now() - t0) / sent * 1e6, sent);
+    return 0;
+}
+"""
+
+
+def tx_ring_vs_send(runs: int = 3, frames: int = 300_000) -> None:
+    """The C comparison of ``send()`` per frame and a TX ring (module docstring)."""
+    tag = secrets.token_hex(3)
+    ns, dev = f"pstr{tag}", f"pstr{tag}"
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        src, exe = os.path.join(tmp, "tx.c"), os.path.join(tmp, "tx")
+        Path(src).write_text(TX_BENCH_C)
+        subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        stack.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "link", "add", dev, "type", "veth", "peer", "name", "eth0",
+                        "netns", ns], check=True)
+        stack.callback(subprocess.run, ["ip", "link", "del", dev], check=False,
+                       capture_output=True)
+        subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        for mode in ("send", "ring") * runs:
+            us, sent = subprocess.run([exe, dev, mode, str(frames)], capture_output=True,
+                                      text=True, check=True).stdout.split()
+            print(f"{mode:5} {float(us):6.2f} us/frame ({sent} frames)")
+
+
 def main() -> None:
+    if "--tx-ring" in sys.argv:
+        tx_ring_vs_send()
+        return
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
     paths = {"python": None, "compiled": fastpath.load_kernel("_pktio")}
     results = {name: run_path(mod, seconds) for name, mod in paths.items()}
-    print(f"\n{'64-byte frames':16} {'python kpps':>12} {'us/frame':>9} {'compiled kpps':>14} "
-          f"{'us/frame':>9} {'ratio':>6}")
+    print(f"\n{'64-byte frames':17} {'python kpps':>12} {'us/frame':>9} {'compiled kpps':>14} "
+          f"{'us/frame':>9} {'ratio':>6}   (ping row: avg and max RTT in us)")
     for what in results["python"]:
         (pk, pu), (ck, cu) = results["python"][what], results["compiled"][what]
-        print(f"{what:16} {pk:12.0f} {pu:9.2f} {ck:14.0f} {cu:9.2f} {ck / pk if pk else 0:6.2f}")
+        ratio = f"{ck / pk:6.2f}" if pk and not what.startswith("ping") else ""
+        print(f"{what:17} {pk:12.0f} {pu:9.0f} {ck:14.0f} {cu:9.0f}" if not ratio else
+              f"{what:17} {pk:12.0f} {pu:9.2f} {ck:14.0f} {cu:9.2f} {ratio}")
 
 
 if __name__ == "__main__":
