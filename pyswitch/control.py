@@ -205,6 +205,8 @@ class ControlServer:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             return {"id": None, "error": {"message": f"request is not JSON: {exc}", "status": 2}}
+        except RecursionError:  # "[[[[...": the decoder recurses once per level
+            return {"id": None, "error": {"message": "request is not JSON: nested too deeply", "status": 2}}
         if not isinstance(req, dict) or not isinstance(req.get("method"), str) \
                 or not isinstance(req.get("params", {}), dict):
             return {"id": None, "error": {"message": "request needs a method and params object",
