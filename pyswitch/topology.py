@@ -4,7 +4,10 @@ PyYAML's ``compose`` gives a node tree whose nodes carry their position; we walk
 build the plain data *and* a map from each value's path to its line, so that
 :class:`~pyswitch.config.ConfigError` can say ``topo.yaml:12: bridges.br0.ports.h1.tag:
 5000 is out of range``.  The walk also refuses duplicate keys, which ``yaml.safe_load``
-would silently merge.  Only the YAML core types are accepted (no Python tags).
+would silently merge.  Only the YAML core types are accepted (no Python tags).  A
+document may expand to at most ``MAX_VALUES`` values (aliases can make a few lines
+expand to billions) and may not nest deeper than Python's recursion limit: such input
+gets a ConfigError at once instead of minutes of work or a traceback.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import yaml
 from .config import ConfigError, Path, SwitchConfig, parse_config
 
 DEFAULT_TOPOLOGY = "default_topology.yaml"
+MAX_VALUES = 200_000  # values in one document, after aliases are expanded
 
 
 def _construct(node: yaml.Node, path: Path, marks: dict[Path, tuple[int, int]]) -> Any:
     marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if len(marks) > MAX_VALUES:
+        raise ConfigError((), f"the document expands to more than {MAX_VALUES} values "
+                              "(YAML aliases?)", line=node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:
@@ -57,6 +64,8 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]
         raise ConfigError((), f"not valid YAML: {exc.problem}", source, line) from None
     except yaml.YAMLError as exc:
         raise ConfigError((), f"not valid YAML: {exc}", source) from None
+    except RecursionError:
+        raise ConfigError((), "not valid YAML: nested too deeply", source) from None
     marks: dict[Path, tuple[int, int]] = {}
     if node is None:
         return {}, marks
@@ -64,8 +73,10 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]
         data = _construct(node, (), marks)
     except ConfigError as exc:
         raise ConfigError(exc.path, exc.message, source, exc.line) from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
         raise ConfigError((), f"not valid YAML: {exc}", source) from None
+    except RecursionError:
+        raise ConfigError((), "not valid YAML: nested too deeply", source) from None
     return data, marks
 
 
