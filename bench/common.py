@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -112,21 +113,27 @@ class Pyswitch:
     `start()` returns once pyswitch logged "running:" (RuntimeError with its log if it
     exits or takes over `timeout` s). `stop()` sends SIGTERM, which makes pyswitch remove
     its links and namespaces; it is registered on the stack given to the constructor.
-    `cpu` pins the process (taskset) when not None.
+    `cpu` pins the process (taskset) when not None. `datapath` (auto, compiled, python) is
+    passed as `--datapath`; `extra` are more `pyswitch up` options (e.g. `--pmd`).
+    After start, `active_datapath` is what pyswitch's log says runs ("datapath: X").
     """
 
-    def __init__(self, stack: ExitStack, topology: dict, cpu: int | None = None) -> None:
+    def __init__(self, stack: ExitStack, topology: dict, cpu: int | None = None,
+                 datapath: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.dir = tempdir(stack)
         self.env = {**os.environ, "PYSWITCH_RUNDIR": str(self.dir / "run")}
         self.yaml = self.dir / "topology.yaml"
         self.yaml.write_text(yaml.safe_dump(topology))
         self.log = self.dir / "pyswitch.log"
-        self.cpu = cpu
+        self.cpu, self.datapath, self.extra = cpu, datapath, extra
+        self.active_datapath: str | None = None
         self.proc: subprocess.Popen | None = None
         stack.callback(self.stop)
 
     def start(self, timeout: float = 30) -> Pyswitch:
-        argv = [str(PYSWITCH), "up", str(self.yaml), "--metrics-port", "0"]
+        argv = [str(PYSWITCH), "up", str(self.yaml), "--metrics-port", "0", *self.extra]
+        if self.datapath is not None:
+            argv += ["--datapath", self.datapath]
         if self.cpu is not None:
             argv = ["taskset", "-c", str(self.cpu), *argv]
         with open(self.log, "w") as logf:
@@ -135,21 +142,45 @@ class Pyswitch:
         while time.monotonic() < deadline:
             text = self.log.read_text()
             if "running:" in text:
+                found = re.search(r"datapath: (\w+)", text)
+                self.active_datapath = found.group(1) if found else None
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pyswitch exited {self.proc.returncode}:\n{text}")
             time.sleep(0.05)
         raise RuntimeError(f"pyswitch not running after {timeout}s:\n{self.log.read_text()}")
 
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """Run a pyswitch client verb (`add-flows BR FILE`, `fdb-show --json BR`, ...)
+        against this instance's control socket; its stdout."""
+        r = subprocess.run([str(PYSWITCH), *args], capture_output=True, text=True,
+                           env=self.env, timeout=timeout, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"pyswitch {' '.join(args)} exited {r.returncode}: "
+                               f"{(r.stderr or r.stdout).strip()[-500:]}")
+        return r.stdout
+
     def port_stats(self) -> dict[str, dict]:
         """`pyswitch port-stats --json`: {port name: {"rx_packets": ..., "drops": {...}}}."""
-        out = subprocess.run([str(PYSWITCH), "port-stats", "--json"], capture_output=True,
-                             text=True, env=self.env, timeout=30, check=True).stdout
-        return json.loads(out)
+        return json.loads(self.ctl("port-stats", "--json", timeout=30))
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, grace=15)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/PID/stat, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """VmRSS of a process, in bytes (RuntimeError when /proc has no such line)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def summary(values: Iterable[float]) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class Setup:
     name: str
     tx_ns: str
     rx_ns: str
+    switch: Pyswitch | None = None  # the pyswitch instance behind it, if any
 
 
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
@@ -113,18 +114,23 @@ def linux_bridge(stack: ExitStack, t: str) -> Setup:
     return Setup("linux bridge", a, b)
 
 
-def pyswitch_bridge(stack: ExitStack, t: str, cpu: int | None) -> Setup:
-    """`pyswitch up` with one bridge and two veth ports (pyswitch makes the namespaces)."""
+def pyswitch_bridge(stack: ExitStack, t: str, cpu: int | None, datapath: str | None = None,
+                    name: str = "pyswitch", extra: tuple[str, ...] = (),
+                    settings: dict | None = None) -> Setup:
+    """`pyswitch up` with one bridge `<t>br` and two veth ports (pyswitch makes the
+    namespaces); `datapath`, `extra` (more `pyswitch up` options) and the bridge's
+    `settings` (e.g. mac_table_size) go to pyswitch as given."""
     a, b = f"{t}a", f"{t}b"
     ports = {
-        name: {"type": "veth", "options": {"netns": name, "peer-mac": mac,
+        port: {"type": "veth", "options": {"netns": port, "peer-mac": mac,
                                            "peer-address": f"{ip}/24"}}
-        for name, mac, ip in ((a, TX_MAC, TX_IP), (b, RX_MAC, RX_IP))
+        for port, mac, ip in ((a, TX_MAC, TX_IP), (b, RX_MAC, RX_IP))
     }
-    sw = Pyswitch(stack, {"bridges": {f"{t}br": {"ports": ports}}}, cpu=cpu).start()
-    setup = Setup("pyswitch", a, b)
-    setup.switch = sw  # type: ignore[attr-defined]
-    return setup
+    topo = {"bridges": {f"{t}br": {"ports": ports, **(settings or {})}}}
+    for ns in (a, b):  # pyswitch removes them on SIGTERM; this covers a SIGKILLed pyswitch
+        stack.callback(run, "ip", "netns", "del", ns, check=False)
+    sw = Pyswitch(stack, topo, cpu=cpu, datapath=datapath, extra=extra).start()
+    return Setup(name, a, b, switch=sw)
 
 
 def counter(ns: str, name: str) -> int:
@@ -277,7 +283,7 @@ def main() -> None:
             check_path(s)
         print(f"  set up in {time.monotonic() - started:.1f} s", file=sys.stderr)
         raw = measure(setups, conf, args)
-        switch_stats = setups[0].switch.port_stats()  # type: ignore[attr-defined]
+        switch_stats = setups[0].switch.port_stats()
     text, res = report(raw, args)
     print(text)
     path = save("veth", {"machine": info, "args": vars(args), "results": res, "raw": raw,

@@ -60,15 +60,22 @@ OVS = "OVS-DPDK flows"
 SWITCH_CPU = 1
 
 
+def vhost_port(sock_dir: Path) -> dict:
+    """A `dpdkvhostuser` port whose socket is `sock_dir/<name>`, MTU 1504 (1518-byte frames)."""
+    return {"type": "dpdkvhostuser", "options": {"vhost-sock-dir": str(sock_dir), "mtu": "1504"}}
+
+
+def loop_flows(p1: str, p2: str) -> list[str]:
+    """The two rules that make ports p1 and p2 a loop (as OVS-DPDK gets)."""
+    return [f"in_port={p1} actions=output:{p2}", f"in_port={p2} actions=output:{p1}"]
+
+
 def start_pyswitch(stack: ExitStack, t: str, sock_dir: Path) -> tuple[Pyswitch, list[Path]]:
     """Two bridges of two dpdkvhostuser ports: one with port-to-port rules, one NORMAL."""
-    opts = {"vhost-sock-dir": str(sock_dir), "mtu": "1504"}
     f1, f2, n1, n2 = f"{t}f1", f"{t}f2", f"{t}n1", f"{t}n2"
-    port = {"type": "dpdkvhostuser", "options": opts}
+    port = vhost_port(sock_dir)
     topo = {"bridges": {
-        f"{t}bf": {"ports": {f1: port, f2: port},
-                   "flows": [f"in_port={f1} actions=output:{f2}",
-                             f"in_port={f2} actions=output:{f1}"]},
+        f"{t}bf": {"ports": {f1: port, f2: port}, "flows": loop_flows(f1, f2)},
         f"{t}bn": {"ports": {n1: port, n2: port}},
     }}
     sw = Pyswitch(stack, topo, cpu=SWITCH_CPU).start()
