@@ -246,7 +246,7 @@ class PacketRing:
         return int(drops)
 
     def ring_info(self) -> dict[str, int]:
-        return {"ring_slots": self._slots, "slot_size": self._slot}
+        return {"tpacket_version": 2, "ring_slots": self._slots, "slot_size": self._slot}
 
     def close(self) -> None:
         """Close the socket and unmap the ring (idempotent).  Views the switch still

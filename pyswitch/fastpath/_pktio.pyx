@@ -369,11 +369,14 @@ cdef class TapIO:
     cdef char *arena
     cdef Py_ssize_t *lens
     cdef int capacity
+    #: a receive is reading into the arena without the GIL: close() must not free it
+    cdef bint busy
 
     def __cinit__(self):
         self.arena = NULL
         self.lens = NULL
         self.capacity = 0
+        self.busy = False
 
     def __init__(self, int fd, int mtu, counters):
         self.fd, self.counters = fd, counters
@@ -404,9 +407,10 @@ cdef class TapIO:
         cdef uint64_t nbytes = 0
         cdef list out = []
         cdef char *buf
-        if fd < 0 or max_frames <= 0:
+        if fd < 0 or max_frames <= 0 or self.busy:  # busy: another thread is receiving
             return out, 0
         self._grow(max_frames)
+        self.busy = True
         with nogil:
             while got < max_frames:
                 r = read(fd, self.arena + <size_t>got * bufsize, bufsize)
@@ -426,6 +430,9 @@ cdef class TapIO:
                 continue
             out.append(PyBytes_FromStringAndSize(buf, n))
             nbytes += n
+        self.busy = False  # nothing above let another thread run: the arena was ours
+        if self.fd < 0:  # closed while we read: free what close() left
+            self._free()
         counters = self.counters
         counters.rx_packets += len(out)
         counters.rx_bytes += nbytes
@@ -445,8 +452,13 @@ cdef class TapIO:
         return _send_batch(self.fd, frames, self.limit, self.counters, True)
 
     def close(self):
-        """Forget the fd (the port closes it) and free the buffers."""
+        """Forget the fd (the port closes it) and free the buffers (at the end of a
+        receive still reading into them on another thread)."""
         self.fd = -1
+        if not self.busy:
+            self._free()
+
+    cdef void _free(self) noexcept:
         PyMem_Free(self.arena)
         PyMem_Free(self.lens)
         self.arena, self.lens, self.capacity = NULL, NULL, 0
