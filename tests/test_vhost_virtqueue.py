@@ -112,7 +112,7 @@ def test_frame_in_second_region(ram, Vq):
 @pytest.mark.parametrize(
     "build",
     [
-        "loop", "self_loop", "bad_next", "bad_addr", "wrapping_addr", "nested_indirect",
+        "loop", "self_loop", "bad_next", "bad_addr", "straddles_end", "wrapping_addr", "nested_indirect",
         "indirect_with_next", "indirect_bad_len", "writable_in_tx", "short_header", "indirect_loop",
         "indirect_longer_than_queue", "huge_frame",
     ],
@@ -133,6 +133,8 @@ def test_bad_chains_are_dropped_counted_and_returned(ram, build, Vq):
         w(h, buf, 12, F_NEXT, 99)
     elif build == "bad_addr":
         w(h, 0x9000_0000, 200, 0)
+    elif build == "straddles_end":  # the last 99 bytes of region 0 and one past its end
+        w(h, (4 << 20) - 99, 100, 0)
     elif build == "wrapping_addr":
         w(h, 2**64 - 16, 32, 0)
     elif build in ("nested_indirect", "indirect_loop"):
