@@ -29,7 +29,13 @@ from . import __version__, cli_format
 from .config import ConfigError, SwitchConfig
 from .control import ControlError, call, control_path, default_rundir
 from .logfmt import setup_logging
-from .topology import default_topology_text, dump_topology, load_topology, load_topology_text
+from .topology import (
+    default_topology_text,
+    dump_topology,
+    load_topology,
+    load_topology_data,
+    load_topology_text,
+)
 
 log = logging.getLogger("pyswitch")
 
@@ -257,8 +263,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    cfg = load_topology(args.topology)  # validated here first, with file and line
-    result = call("apply", {"config": cfg.to_dict(), "dry_run": args.dry_run},
+    _, raw = load_topology_data(args.topology)  # validated here first, with file and line
+    result = call("apply", {"config": raw, "dry_run": args.dry_run},
                   path=control_path(args.rundir))
     changes = result["changes"]
     if args.json:

@@ -63,12 +63,18 @@ class PortConfig:
     type: str
     options: dict[str, str] = field(default_factory=dict)
     vlan: PortVlan = field(default_factory=PortVlan)
+    #: the OpenFlow port number on its bridge: asked for in the YAML (OVS's
+    #: ofport_request) or given by :func:`parse_bridge` (lowest free), then saved, so a
+    #: port keeps its number across restarts and rules written with numbers stay true
+    ofport: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type}
         d.update(self.vlan.as_dict())
         if self.options:
             d["options"] = dict(self.options)
+        if self.ofport is not None:
+            d["ofport"] = self.ofport
         return d
 
 @dataclass
@@ -183,7 +189,9 @@ def _options(value: Any, path: Path) -> dict[str, str]:
             raise ConfigError(path + (k,), f"option values are scalars, not {_kind(v)}")
     return out
 
-PORT_KEYS = {"type", "tag", "trunks", "vlan_mode", "options"}
+PORT_KEYS = {"type", "tag", "trunks", "vlan_mode", "options", "ofport"}
+#: Highest OpenFlow port number a port may have (OFPP_MAX)
+MAX_OFPORT = 0xFEFF
 BRIDGE_KEYS = {"fail_mode", "mac_aging_time", "mac_table_size", "ports", "flows"}
 
 def parse_port(name: str, raw: Any, path: Path) -> PortConfig:
@@ -215,7 +223,10 @@ def parse_port(name: str, raw: Any, path: Path) -> PortConfig:
         field_name = str(exc).split(":")[0] if ":" in str(exc) else "vlan_mode"
         key = field_name if field_name in PORT_KEYS else "vlan_mode"
         raise ConfigError(path + (key,), str(exc)) from None
-    return PortConfig(name, ptype, options, vlan)
+    ofport = d.get("ofport")
+    if ofport is not None:
+        ofport = _int(ofport, path + ("ofport",), 1, MAX_OFPORT)
+    return PortConfig(name, ptype, options, vlan, ofport)
 
 def parse_bridge(name: str, raw: Any, path: Path) -> BridgeConfig:
     check_name(name, path, "bridge")
@@ -231,33 +242,78 @@ def parse_bridge(name: str, raw: Any, path: Path) -> BridgeConfig:
     if "mac_table_size" in d:
         br.mac_table_size = _int(d["mac_table_size"], path + ("mac_table_size",), 1, 10_000_000)
     ports = _mapping(d.get("ports"), path + ("ports",), "ports")
+    owner: dict[int, str] = {}
     for pname, praw in ports.items():
-        br.ports[pname] = parse_port(pname, praw, path + ("ports", pname))
+        pcfg = br.ports[pname] = parse_port(pname, praw, path + ("ports", pname))
+        if pcfg.ofport is not None:
+            if pcfg.ofport in owner:
+                raise ConfigError(path + ("ports", pname, "ofport"),
+                                  f"ofport {pcfg.ofport} is already port {owner[pcfg.ofport]}'s")
+            owner[pcfg.ofport] = pname
+    numbers = assign_ofports((n, p.ofport) for n, p in br.ports.items())
+    for pname, pcfg in br.ports.items():
+        pcfg.ofport = numbers[pname]
     if "flows" in d:
-        br.flows = _flows(d["flows"], list(br.ports), path + ("flows",))
+        br.flows = _flows(d["flows"], numbers, path + ("flows",))
     return br
 
 
-def provisional_names(port_names: Iterable[str]) -> PortNames:
-    """Port numbers by the order of a bridge's ``port_names`` (1, 2, ...): they let names
-    in flow rules resolve while the rules are checked and put in canonical form; the
-    bridge parses the rules again with its real numbers.  Limitation: a port *number*
-    written in a rule is read against this order too, which is the bridge's numbering
-    only while no port below it was deleted (a canonical rule then names another port)."""
-    return PortNames.from_dict({n: i + 1 for i, n in enumerate(port_names)})
+def assign_ofports(ports: Iterable[tuple[str, int | None]]) -> dict[str, int]:
+    """OpenFlow port numbers for a bridge's ports, in order: a port's own number when it
+    has one, else the lowest number free (as the switch gives them).  Used to check and
+    canonicalize flow rules against the numbers the ports have, or will have."""
+    ports = list(ports)
+    taken = {no for _, no in ports if no is not None}
+    out: dict[str, int] = {}
+    free = 1
+    for name, no in ports:
+        if no is None:
+            while free in taken:
+                free += 1
+            no = free
+            taken.add(no)
+        out[name] = no
+    return out
 
 
-def _flows(value: Any, port_names: list[str], path: Path) -> list[str]:
-    """Validate flow strings against the bridge's port names; return canonical texts.
+def keep_ofports(raw: Any, current: SwitchConfig) -> Any:
+    """``raw`` (a whole configuration to apply) with the ports that ``current`` has on the
+    same bridge given their current ofport where ``raw`` names none: applying a file
+    written without numbers does not renumber (nor re-create) running ports.  Anything
+    malformed is returned as it is, for :func:`parse_config` to report."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("bridges"), Mapping):
+        return raw
+    out = dict(raw)
+    out["bridges"] = dict(raw["bridges"])
+    for bname, braw in raw["bridges"].items():
+        cur = current.bridges.get(bname) if isinstance(bname, str) else None
+        if cur is None or not isinstance(braw, Mapping) or not isinstance(braw.get("ports"), Mapping):
+            continue
+        ports = {}
+        for pname, praw in braw["ports"].items():
+            have = cur.ports.get(pname) if isinstance(pname, str) else None
+            if have is not None and isinstance(praw, Mapping) and "ofport" not in praw:
+                praw = {**praw, "ofport": have.ofport}
+            ports[pname] = praw
+        out["bridges"][bname] = {**braw, "ports": ports}
+    return out
 
-    Port numbers here are provisional (:func:`provisional_names`)."""
+
+def port_numbers(numbers: dict[str, int]) -> PortNames:
+    """Names and numbers of :func:`assign_ofports` as the flow parser resolves them."""
+    return PortNames.from_dict(numbers)
+
+
+def _flows(value: Any, numbers: dict[str, int], path: Path) -> list[str]:
+    """Validate flow strings against the bridge's ports (name -> ofport); return
+    canonical texts."""
     from .flows import FlowSyntaxError, format_flow, parse_flow
 
     if value is None:
         return []
     if not isinstance(value, list):
         raise ConfigError(path, f"must be a list of flow strings, not {_kind(value)}")
-    names = provisional_names(port_names)
+    names = port_numbers(numbers)
     out = []
     for i, text in enumerate(value):
         if not isinstance(text, str):

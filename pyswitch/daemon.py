@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, PortConfig, SwitchConfig, parse_config
+from .config import ConfigError, PortConfig, SwitchConfig, keep_ofports, parse_config
 from .control import ControlError, ControlServer, control_path
 from .db import ConfigStore
 from .edits import EDITS, default_types
@@ -190,7 +190,7 @@ class Daemon:
             return {"changes": self.mutate([(m, p) for m, p in steps])}
         if method == "apply":
             try:
-                new = parse_config(params.get("config"))
+                new = parse_config(keep_ofports(params.get("config"), self.cfg))
             except ConfigError as exc:
                 raise ControlError(str(exc), 2) from None
             return {"changes": self.commit(new, bool(params.get("dry_run")))}

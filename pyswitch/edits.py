@@ -9,8 +9,9 @@ edits is validated as one, and a refused edit changes nothing.
 
 Flows are kept as the bridge's list of rule strings and edited as ovs-ofctl would edit the
 table: ``add-flow`` replaces a rule of the same table, priority and match; ``del-flows`` and
-``mod-flows`` select with OVS's strict or non-strict matching.  Port numbers here are
-provisional (the order of the bridge's ports): they only let names resolve.
+``mod-flows`` select with OVS's strict or non-strict matching.  Port numbers are the
+ports' ``ofport`` (a port added in the same transaction gets the lowest free number, as
+the switch will give it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .bridge import DEFAULT_FLOW
-from .config import provisional_names
+from .config import assign_ofports, port_numbers
 from .control import ControlError
 from .flows import Flow, FlowSyntaxError, PortNames, format_flow, parse_filter, parse_flow
 from .flows.model import IN_PORT
@@ -182,8 +183,14 @@ def _bridge_flows(raw: Raw, p: dict[str, Any]) -> tuple[Raw, list[str], PortName
     flows = br.get("flows")
     if flows is None:  # the fail mode's default is what the table holds now
         flows = [] if br.get("fail_mode") == "secure" else [format_flow(DEFAULT_FLOW)]
-    names = provisional_names(br.get("ports", {}))
+    names = _names(br)
     return br, list(flows), names
+
+
+def _names(br: Raw) -> PortNames:
+    ports = br.get("ports") or {}
+    return port_numbers(assign_ofports(
+        (n, p.get("ofport") if isinstance(p, dict) else None) for n, p in ports.items()))
 
 
 def _parse_each(texts: list[str], names: PortNames) -> list[Flow]:
@@ -245,7 +252,7 @@ def _drop_flows_naming(br: Raw, port: str) -> None:
     """Rules that name a port (in_port or output) go with it."""
     if not br.get("flows"):
         return
-    names = provisional_names(br.get("ports", {}))
+    names = _names(br)
     no = names.to_number(port)
     kept = []
     for text, flow in zip(br["flows"], _parse_each(br["flows"], names)):

@@ -34,7 +34,7 @@ class Change:
 
 
 def _same_port(a: PortConfig, b: PortConfig) -> bool:
-    return a.type == b.type and a.options == b.options
+    return a.type == b.type and a.options == b.options and a.ofport == b.ofport
 
 
 def plan(sw: Switch, old: SwitchConfig, new: SwitchConfig) -> list[Change]:
@@ -151,4 +151,4 @@ def _set_flows(sw: Switch, bridge: str, old: list[str] | None, new: list[str] | 
 
 
 def _copy_port(p: PortConfig) -> PortConfig:
-    return PortConfig(p.name, p.type, dict(p.options), p.vlan)
+    return PortConfig(p.name, p.type, dict(p.options), p.vlan, p.ofport)

@@ -135,8 +135,9 @@ class Switch:
         br.fail_mode = fail_mode  # the flows that depend on it are set by the caller
 
     def add_port(self, bridge: str, pcfg: PortConfig, no: int | None = None) -> Port:
-        """Create, open and attach a port as number ``no`` if given and free, else the
-        lowest free number; PortError (nothing left behind) on failure."""
+        """Create, open and attach a port as number ``no`` (default: its configured
+        ``ofport``) if free, else the lowest free number; PortError (nothing left behind)
+        on failure."""
         if pcfg.name in self._ports:
             raise PortError(f"port {pcfg.name} already exists")
         br = self.bridges[bridge]
@@ -151,6 +152,8 @@ class Switch:
             port.close()
             raise
         self._retired.pop(pcfg.name, None)  # only now: a failed add keeps them for the next
+        if no is None:
+            no = pcfg.ofport
         if no is None or no < 1 or no in br.ports:
             no = 1
             while no in br.ports:

@@ -63,7 +63,7 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]
         line = mark.line + 1 if mark else None
         raise ConfigError((), f"not valid YAML: {exc.problem}", source, line) from None
     except yaml.YAMLError as exc:
-        raise ConfigError((), f"not valid YAML: {exc}", source) from None
+        raise ConfigError((), f"not valid YAML: {' '.join(str(exc).split())}", source) from None
     except RecursionError:
         raise ConfigError((), "not valid YAML: nested too deeply", source) from None
     marks: dict[Path, tuple[int, int]] = {}
@@ -74,7 +74,7 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]
     except ConfigError as exc:
         raise ConfigError(exc.path, exc.message, source, exc.line) from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
-        raise ConfigError((), f"not valid YAML: {exc}", source) from None
+        raise ConfigError((), f"not valid YAML: {' '.join(str(exc).split())}", source) from None
     except RecursionError:
         raise ConfigError((), "not valid YAML: nested too deeply", source) from None
     return data, marks
@@ -82,14 +82,24 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]
 
 def load_topology_text(text: str, source: str) -> SwitchConfig:
     """Validate a YAML topology; ConfigError with file and line on any problem."""
+    return _validated(text, source)[0]
+
+
+def _validated(text: str, source: str) -> tuple[SwitchConfig, Any]:
     data, marks = load_yaml(text, source)
     try:
-        return parse_config(data)
+        return parse_config(data), data
     except ConfigError as exc:
         raise exc.located(source, marks) from None
 
 
 def load_topology(path: str | FsPath) -> SwitchConfig:
+    return load_topology_data(path)[0]
+
+
+def load_topology_data(path: str | FsPath) -> tuple[SwitchConfig, Any]:
+    """The validated configuration of a YAML file and the plain data as written (which
+    ``apply`` sends: ports keep their running numbers unless the file asks for others)."""
     p = FsPath(path)
     try:
         text = p.read_text()
@@ -97,7 +107,7 @@ def load_topology(path: str | FsPath) -> SwitchConfig:
         raise ConfigError((), f"cannot read: {exc.strerror}", str(p)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError((), f"not UTF-8 text: {exc}", str(p)) from None
-    return load_topology_text(text, str(p))
+    return _validated(text, str(p))
 
 
 def default_topology_text() -> str:

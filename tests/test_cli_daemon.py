@@ -52,7 +52,7 @@ def test_every_verb_and_its_json(daemon):
     d.cli("del-br", "br1")
     assert d.cli("list-br").stdout.split() == ["br0"]
     exported = yaml.safe_load(d.cli("export").stdout)
-    assert exported == {"bridges": {"br0": {"ports": {"m1": {"type": "memory", "tag": 20}}}}}
+    assert exported == {"bridges": {"br0": {"ports": {"m1": {"type": "memory", "tag": 20, "ofport": 1}}}}}
     # the database holds the same, saved after the last change
     assert yaml.safe_load(d.db.read_text()) == exported
 
@@ -278,6 +278,43 @@ def test_flows_survive_a_restart_and_go_with_their_port(daemon, tmp_path):
     d.cli("del-flows", "br0")
     assert d.cli("dump-flows", "br0").stdout.strip() == ""
     assert yaml.safe_load(d.db.read_text())["bridges"]["br0"]["flows"] == []
+
+
+def test_port_numbers_in_rules_are_the_ports_ofports_and_survive_restarts(daemon):
+    """A rule written with port numbers means the ports that have those numbers now (gaps
+    left by deleted ports included), and each port keeps its number across a restart."""
+    d = daemon.start()
+    d.cli("add-br", "br0")
+    for n in (1, 2, 3):
+        d.cli("add-port", "br0", f"m{n}", "--type", "memory")
+    d.cli("del-port", "m1")  # m2 stays 2, m3 stays 3: no renumbering
+    d.cli("add-flow", "br0", "priority=9,in_port=3 actions=output:2")
+    assert "priority=9,in_port=m3 actions=output:m2" in d.cli("dump-flows", "br0").stdout
+    d.cli("add-port", "br0", "m4", "--type", "memory")  # the lowest free number: 1
+
+    def ofports() -> dict[str, int]:
+        shown = json.loads(d.cli("--json", "show").stdout)["bridges"][0]["ports"]
+        return {p["name"]: p["ofport"] for p in shown}
+
+    assert ofports() == {"m2": 2, "m3": 3, "m4": 1}
+    saved = yaml.safe_load(d.db.read_text())["bridges"]["br0"]["ports"]
+    assert {n: p["ofport"] for n, p in saved.items()} == {"m2": 2, "m3": 3, "m4": 1}
+    d.stop()
+    d.start()
+    assert ofports() == {"m2": 2, "m3": 3, "m4": 1}
+    assert "priority=9,in_port=m3 actions=output:m2" in d.cli("dump-flows", "br0").stdout
+    # a file applied without numbers keeps the running ports' numbers (nothing re-created)
+    plain = {"bridges": {"br0": {"ports": {n: {"type": "memory"} for n in ("m2", "m3", "m4")}}}}
+    (d.workdir / "plain.yaml").write_text(yaml.safe_dump(plain))
+    applied = d.cli("apply", str(d.workdir / "plain.yaml")).stdout
+    assert "add port" not in applied and "delete port" not in applied, applied
+    assert ofports() == {"m2": 2, "m3": 3, "m4": 1}
+    # two ports may not ask for one number
+    clash = {"bridges": {"br0": {"ports": {"a": {"type": "memory", "ofport": 5},
+                                           "b": {"type": "memory", "ofport": 5}}}}}
+    (d.workdir / "clash.yaml").write_text(yaml.safe_dump(clash))
+    r = d.cli("apply", str(d.workdir / "clash.yaml"), check=False)
+    assert r.returncode != 0 and "ofport 5 is already port a's" in r.stderr, r.stderr
 
 
 def test_port_changes_do_not_disturb_traffic_on_other_ports(daemon, prefix):
