@@ -24,7 +24,8 @@ The kernel strips an 802.1Q/802.1ad tag into skb metadata before AF_PACKET sees 
 it comes back in ``tp_vlan_tci``/``tp_vlan_tpid`` and we put it back while copying.
 
 Every offset and length read from the ring is checked against the block before use (the
-ring is the kernel's, but a bad value must never make us read outside the mapping).
+ring is the kernel's, but a bad value must never make us read outside the mapping): an
+inconsistency gives the rest of its block back and counts one ``malformed`` receive drop.
 
 Transmit (both port types) is a C loop of ``write()`` on the non-blocking fd with the GIL
 released, with the exact drop semantics of ``send_each``: over-MTU and runt frames dropped
@@ -148,10 +149,10 @@ cdef class PacketRingV3:
         self.left = 0
         self.cur = self.cur + 1 if self.cur + 1 < self.nblocks else 0
 
-    cdef int _open_block(self, int *lost) noexcept nogil:
+    cdef int _open_block(self, int *lost, int *bad) noexcept nogil:
         """Start reading the next block if the kernel has handed it over: 1 if frames
-        are ready (``left``/``off`` set), 0 if not.  Empty or inconsistent blocks go
-        straight back (at most one pass over the ring)."""
+        are ready (``left``/``off`` set), 0 if not.  Empty blocks go straight back, and
+        inconsistent ones too (counted in ``bad``); at most one pass over the ring."""
         cdef tpacket_block_desc *bd
         cdef uint32_t status, num, first
         cdef uint32_t tries
@@ -167,6 +168,8 @@ cdef class PacketRingV3:
             num = bd.hdr.bh1.num_pkts
             first = bd.hdr.bh1.offset_to_first_pkt
             if num == 0 or first < sizeof(tpacket_block_desc) or first >= self.block_size:
+                if num != 0:
+                    bad[0] += 1
                 self._give_back()
                 continue
             self.left, self.off = num, first
@@ -190,7 +193,7 @@ cdef class PacketRingV3:
         if self.base == NULL:
             return out
         while examined < max_frames:
-            if self.left == 0 and not self._open_block(&lost):
+            if self.left == 0 and not self._open_block(&lost, &malformed):
                 break
             bd = self._block()
             examined += 1
@@ -202,7 +205,8 @@ cdef class PacketRingV3:
             status, snap, length, mac = hdr.tp_status, hdr.tp_snaplen, hdr.tp_len, hdr.tp_mac
             room = self.block_size - self.off
             tagged = (status & TP_STATUS_VLAN_VALID) != 0
-            if mac > room or snap > room - mac or (tagged and snap < 12):
+            # out of the block, or shorter than an Ethernet header (a sane kernel sends none)
+            if mac > room or snap > room - mac or snap < (12 if tagged else ETH_HLEN):
                 malformed += 1
                 self._give_back()
                 continue
@@ -238,7 +242,7 @@ cdef class PacketRingV3:
                 continue
             nxt = hdr.tp_next_offset
             if nxt == 0 or nxt >= room:
-                malformed += self.left  # a broken chain: the rest of the block is lost
+                malformed += 1  # a broken chain: the rest of the block is lost
                 self._give_back()
                 continue
             self.off += nxt

@@ -1,0 +1,87 @@
+"""The _pktio kernel's TPACKET_V3 ring walker on blocks with impossible values.
+
+The kernel writes the ring, but a wrong offset or length must never make the walker read
+outside the mapping.  The test maps the same ring a second time (an AF_PACKET ring can be
+mapped more than once), waits until the kernel hands block 0 over (a 200 ms block timer,
+so that the four frames sent land in it together), overwrites one field
+with a hostile value, and then lets the kernel's ring read it: what comes back must be
+whole frames that were sent, the damage counted as ``malformed``, and the ring must go
+on receiving.  Run under ASan/UBSan by the sanitizer runner, a stray read is a failure.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from types import ModuleType
+
+import pytest
+from pyswitch.ports.afpacket import TPACKET_V3, _open_socket
+
+from pyswitch.port import PortCounters
+from tests.test_kernel_pktio import collect, frame, kern, ns_send, veth_pair
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
+__all__ = ["kern"]  # the fixture, shared with test_kernel_pktio
+
+# struct tpacket_block_desc: block_status, num_pkts, offset_to_first_pkt (linux/if_packet.h)
+BLOCK_STATUS, NUM_PKTS, FIRST = 8, 12, 16
+# struct tpacket3_hdr: tp_next_offset, tp_snaplen, tp_status, tp_mac
+NEXT, SNAPLEN, STATUS, MAC = 0, 12, 20, 24
+VLAN_VALID = 0x10
+
+
+def u32(view: mmap.mmap, off: int) -> int:
+    return int(struct.unpack_from("=I", view, off)[0])
+
+
+def second_frame(view: mmap.mmap) -> int:
+    """Offset in block 0 of its second frame's header."""
+    first = u32(view, FIRST)
+    return first + u32(view, first + NEXT)
+
+
+CASES = {
+    # (what to overwrite: offset function, struct format, value), frames before the damage
+    "num_pkts past the frames": (lambda v: NUM_PKTS, "=I", 0xFFFFFFFF, 4),
+    "first frame past the block": (lambda v: FIRST, "=I", 1 << 20, 0),
+    "first frame inside the header": (lambda v: FIRST, "=I", 8, 0),
+    "snaplen past the block": (lambda v: second_frame(v) + SNAPLEN, "=I", 0xFFFFFFF0, 1),
+    "mac offset past the block": (lambda v: second_frame(v) + MAC, "=H", 0xFFFF, 1),
+    "next offset zero": (lambda v: u32(v, FIRST) + NEXT, "=I", 0, 1),
+    "next offset past the block": (lambda v: u32(v, FIRST) + NEXT, "=I", 0xFFFFFF00, 1),
+    "tagged runt": (lambda v: second_frame(v) + SNAPLEN, "=I", 3, 1),
+    "untagged runt": (lambda v: second_frame(v) + SNAPLEN, "=I", 13, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_block_values_are_contained(kern: ModuleType, case: str) -> None:
+    where, fmt, value, intact = CASES[case]
+    sent = [frame(bytes([i]) * 60) for i in range(4)]
+    with veth_pair() as (here, ns):
+        c = PortCounters()
+        ring = kern.PacketRingV3(_open_socket(here, TPACKET_V3), here, 1500, c, 4 << 16, 200)
+        view = mmap.mmap(ring.fileno(), ring.ring_info()["ring_bytes"])
+        try:
+            ns_send(ns, sent)
+            deadline = time.monotonic() + 2
+            while not u32(view, BLOCK_STATUS) & 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert u32(view, BLOCK_STATUS) & 1, "the kernel did not hand block 0 over"
+            assert u32(view, NUM_PKTS) == 4, "the four frames must share block 0"
+            if case == "tagged runt":
+                off = second_frame(view) + STATUS
+                struct.pack_into("=I", view, off, u32(view, off) | VLAN_VALID)
+            struct.pack_into(fmt, view, where(view), value)
+            got = list(ring.receive(32))  # IPv6 is off: nothing else is on the wire
+            assert u32(view, BLOCK_STATUS) == 0, "the damaged block must go back to the kernel"
+            ns_send(ns, [frame(b"after" + bytes(60))])
+            after = collect(ring, 1)
+        finally:
+            view.close()
+            ring.close()
+    assert got == sent[:intact]
+    assert c.drops == {"malformed": 1}, c.drops
+    assert after == [frame(b"after" + bytes(60))]
