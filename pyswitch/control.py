@@ -178,6 +178,9 @@ class ControlServer:
         c.buf += data
         end = c.buf.find(b"\n", start)
         while end >= 0:
+            if end > MAX_REQUEST:
+                self._too_large(c)
+                return
             line = bytes(c.buf[:end])
             del c.buf[:end + 1]
             self._queue(c, self._handle(line))
@@ -185,11 +188,14 @@ class ControlServer:
                 return
             end = c.buf.find(b"\n")
         if len(c.buf) > MAX_REQUEST:
-            log.warning("control: a request longer than %d bytes; closing the connection", MAX_REQUEST)
-            c.buf.clear()
-            self._queue(c, {"id": None, "error": {"message": f"request too large (over {MAX_REQUEST} bytes)",
-                                                  "status": 2}})
-            self._close_after_reply(c)
+            self._too_large(c)
+
+    def _too_large(self, c: _Conn) -> None:
+        log.warning("control: a request longer than %d bytes; closing the connection", MAX_REQUEST)
+        c.buf.clear()
+        self._queue(c, {"id": None, "error": {"message": f"request too large (over {MAX_REQUEST} bytes)",
+                                              "status": 2}})
+        self._close_after_reply(c)
 
     def _discard_input(self, c: _Conn) -> None:
         try:

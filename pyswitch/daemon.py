@@ -171,7 +171,11 @@ class Daemon:
             fn = self._mutators.get(method)
             if fn is None:
                 raise ControlError(f"unknown command {method!r} in a transaction", 2)
-            fn(raw, params)
+            try:
+                fn(raw, params)
+            except (TypeError, ValueError, AttributeError, KeyError) as exc:
+                # parameters of the wrong shape, from a client other than the CLI
+                raise ControlError(f"{method}: malformed parameters ({exc})", 2) from None
         default_types(raw)
         try:
             new = parse_config(raw)
@@ -189,6 +193,8 @@ class Daemon:
                 raise ControlError("transaction: commands must be a list of [method, params]", 2)
             return {"changes": self.mutate([(m, p) for m, p in steps])}
         if method == "apply":
+            if not isinstance(params.get("config"), dict):  # else parse_config(None): all deleted
+                raise ControlError("apply: params.config must be the configuration (a mapping)", 2)
             try:
                 new = parse_config(keep_ofports(params.get("config"), self.cfg))
             except ConfigError as exc:
