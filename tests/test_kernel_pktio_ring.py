@@ -44,6 +44,7 @@ def second_frame(view: mmap.mmap) -> int:
 
 CASES = {
     # (what to overwrite: offset function, struct format, value), frames before the damage
+    "no frames (as old kernels retired empty blocks)": (lambda v: NUM_PKTS, "=I", 0, 0),
     "num_pkts past the frames": (lambda v: NUM_PKTS, "=I", 0xFFFFFFFF, 4),
     "first frame past the block": (lambda v: FIRST, "=I", 1 << 20, 0),
     "first frame inside the header": (lambda v: FIRST, "=I", 8, 0),
@@ -83,5 +84,5 @@ def test_hostile_block_values_are_contained(kern: ModuleType, case: str) -> None
             view.close()
             ring.close()
     assert got == sent[:intact]
-    assert c.drops == {"malformed": 1}, c.drops
+    assert c.drops == ({} if case.startswith("no frames") else {"malformed": 1}), c.drops
     assert after == [frame(b"after" + bytes(60))]
