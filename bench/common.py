@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterable
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -159,6 +160,22 @@ class Pyswitch:
             raise RuntimeError(f"pyswitch {' '.join(args)} exited {r.returncode}: "
                                f"{(r.stderr or r.stdout).strip()[-500:]}")
         return r.stdout
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of pyswitch's /metrics (the address its log gave), by name and labels;
+        RuntimeError if absent. (fdb-show of a 100,000-entry table fails on the control
+        socket; the gauge does not.)"""
+        found = re.search(r"metrics: serving (http://\S+)", self.log.read_text())
+        if not found:
+            raise RuntimeError("pyswitch's log names no metrics address")
+        with urllib.request.urlopen(found.group(1), timeout=30) as reply:
+            text = reply.read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.startswith(name + "{") and all(p in head for p in want.split(",")):
+                return float(value)
+        raise RuntimeError(f"no {name}{{{want}}} in pyswitch's metrics")
 
     def port_stats(self) -> dict[str, dict]:
         """`pyswitch port-stats --json`: {port name: {"rx_packets": ..., "drops": {...}}}."""

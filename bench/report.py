@@ -9,6 +9,7 @@ that could not run has `error` (why) and no figures: the run goes on.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,15 @@ def chart(rows: list[Row], path: Path, title: str) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "no chart: matplotlib is not installed (pip install -e '.[bench]')"
     labels, values, colours = [], [], []
     palette = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"]
     scenarios: list[str] = []
     for r in rows:
+        if not r.path.startswith("pyswitch") or r.extra.get("baseline"):
+            continue  # peers against each other, and a dimension's 1.0 by definition
         for peer, x in r.ratios.items():
             if x is None:
                 continue
@@ -126,6 +130,8 @@ def chart(rows: list[Row], path: Path, title: str) -> str:
     ax.barh(list(ys), values, color=colours)
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     for y, v in zip(ys, values, strict=True):
         ax.text(v, y, f" {v:.3g}", va="center", fontsize=6)
@@ -133,7 +139,7 @@ def chart(rows: list[Row], path: Path, title: str) -> str:
                for i in range(len(scenarios))]
     ax.legend(handles, scenarios, fontsize=7, loc="lower right")
     ax.set_xlabel("ratio (log scale): pyswitch / peer, or rate / the dimension's smallest case")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -96,7 +96,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="runs of each measurement, interleaved (3; quick 1)")
     p.add_argument("--samples", type=int, help="round trips per path and condition (3000; quick 1000)")
     p.add_argument("--load-pps", type=int, default=20000, help="background load for latency")
-    p.add_argument("--learn-pps", type=int, default=25000, help="rate of the MAC-learning frames")
+    p.add_argument("--learn-pps", type=int, default=10000, help="rate of the MAC-learning frames")
     p.add_argument("--idle-seconds", type=float, help="idle CPU sampling time (10; quick 5)")
     p.add_argument("--datapaths", default=",".join(DATAPATHS),
                    help="pyswitch data paths to measure (default python,compiled)")
@@ -157,6 +157,7 @@ def finish(args, info: dict, rows: list[Row], started: float, cpus: dict,
     head = (f"pyswitch issue-10 bench, {info['date']}, code {info['code']}, {info['cpus']} CPUs, "
             f"load average {info['loadavg_at_start'][0]:.2f} at start; {args.seconds:g} s x "
             f"{args.reps} runs per rate, median (min-max); ratios are median / median")
+    head += "".join(f"\nCPUs, {k}: {v}" for k, v in cpus.items())
     text = head + "\n" + render(rows)
     goals = targets(rows)
     print(text)
@@ -166,7 +167,7 @@ def finish(args, info: dict, rows: list[Row], started: float, cpus: dict,
                         "rows": [r.as_dict() for r in rows], "table": text, "targets": goals,
                         "elapsed_s": elapsed, "interrupted": interrupted})
     png = path.with_suffix(".png")
-    said = chart(rows, png, head)
+    said = chart(rows, png, head.split("\n")[0])
     if png.exists():
         shutil.copyfile(png, OUT / "run-latest.png")
     print(f"({elapsed:.0f} s; JSON: {path}; {said})")

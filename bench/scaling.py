@@ -14,9 +14,10 @@ same path.
   quadratic in edits.py; nor `replace-flows` back down: 10,000 rules to 1 did not
   return within 120 s.)
 - learned MACs 10, 10,000, 100,000: trafgen sends frames with source MACs
-  02:55:00:00:00:00 + 0..N-1 at `--learn-pps` (default 25 kpps, below what the Python
-  path forwards) to the receiver, then `pyswitch fdb-show --json` counts the table
-  (the 2 hosts' MACs included);
+  02:55:00:00:00:00 + 0..N-1 at `--learn-pps` (default 10 kpps: every new MAC goes up to
+  the Python slow path) to the receiver, up to 3 times while pyswitch's gauge
+  `pyswitch_bridge_mac_entries` counts under 95 % of N; the case shows the count (the 2
+  hosts' MACs included; `fdb-show --json` of 100,000 entries failed on the control socket);
 - distinct flows 1, 1,000, 100,000 (the decision cache's worst case): the measured stream
   itself varies its UDP ports with trafgen's per-frame counters, source port over 125 or
   3125 values and destination port over 8 or 32 (coprime periods: 1,000 and 100,000
@@ -25,7 +26,6 @@ same path.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -63,21 +63,27 @@ def bridge(s: Setup) -> str:
 
 
 def learn(s: Setup, n: int, pps: int, work: Path) -> int:
-    """Send frames from n distinct source MACs through `s`; the MAC table's size after."""
+    """Send frames from n distinct source MACs through `s` (again, up to 3 passes, while
+    the table holds under 95 % of them: a frame the switch dropped taught it nothing);
+    the MAC table's size after."""
     conf = work / f"learn{n}.cfg"
     conf.write_text(udp_conf(sa=f"sa=02:55:00:00:00:00, sa=dinc(0, {n - 1})"))
     argv = ["ip", "netns", "exec", s.tx_ns, "taskset", "-c", str(GEN_CPU), "trafgen",
             "--dev", "eth0", "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
             "--notouch-irq", "--no-cpu-stats", "--rate", f"{pps}pps", "-n", str(n)]
-    gen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    try:
-        gen.wait(n / pps + 30)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        stop_group(gen)
-    return len(json.loads(s.switch.ctl("fdb-show", "--json", bridge(s))))
+    for _ in range(3):
+        gen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        try:
+            gen.wait(n / pps + 30)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            stop_group(gen)
+        got = int(s.switch.metric("pyswitch_bridge_mac_entries", bridge=bridge(s)))
+        if got >= 0.95 * n:
+            break
+    return got
 
 
 class Dimension:
@@ -157,6 +163,7 @@ def emit(dim: Dimension, datapaths, raw, errors, rss, rows: list[Row]) -> None:
                 row.extra = {"offered_pps": summary(r["offered_pps"] for r in got)}
                 if (name, value) in dim.note:
                     row.case += f" ({dim.note[(name, value)]})"
+            row.extra["baseline"] = value == dim.values[0]
             if (dim.name, value) in TARGETS:
                 row.target = ">= 0.9x the smallest case"
                 r = next(iter(row.ratios.values()), None)

@@ -7,8 +7,9 @@ bridge with two `dpdkvhostuser` ports and the two port-to-port rules, bench/vhos
 (bench/ovs.py, the same two rules). Only one back end forwards at a time: the loop runs
 on one pair of testpmd ports (`set portlist`), OVS-DPDK's vswitchd is SIGSTOPped and the
 net_vhost testpmd's forwarding stopped while others are measured; pyswitch sleeps when
-it has nothing to do. Then, on the same switches, extra idle `dpdkvhostuser` ports are
-added (`pyswitch add-port`, 2 -> 16 -> 64) and the 64-byte loop measured again; last, the
+it has nothing to do. Then, on the same switches, idle `dpdkvhostuser` ports are added and
+deleted (`pyswitch add-port`/`del-port`: 2, 16, 64 ports in each rep, so the counts are
+interleaved like everything else) and the 64-byte loop measured at each count; last, the
 CPU time of each idle switch with 64 ports over `idle_seconds` and its VmRSS.
 """
 
@@ -68,14 +69,17 @@ class Switch:
                           + self.sw.log.read_text()[-2000:])
         return self.error is None
 
-    def grow(self, total: int) -> None:
-        """Add idle dpdkvhostuser ports until the bridge has `total` (one transaction)."""
+    def resize(self, total: int) -> None:
+        """Add idle dpdkvhostuser ports, or delete the added ones, until the bridge has
+        `total` ports (one transaction; the two looped ports stay)."""
         argv: list[str] = []
-        for i in range(len(self.ports) + 1, total + 1):
-            name = f"{self.t}x{i}"
+        while len(self.ports) < total:
+            name = f"{self.t}x{len(self.ports) + 1}"
             argv += ["--", "add-port", self.bridge, name, "--type", "dpdkvhostuser",
                      "-o", f"vhost-sock-dir={self.sock_dir}", "-o", "mtu=1504"]
             self.ports.append(name)
+        while len(self.ports) > max(total, 2):
+            argv += ["--", "del-port", self.bridge, self.ports.pop()]
         if argv:
             self.sw.ctl(*argv[1:])
 
@@ -158,20 +162,23 @@ def grow_ports(guests, running: list[Switch], pairs: dict, args, rows: list[Row]
     idle CPU and memory of each switch with 64 ports."""
     rss2 = {s.name: proc_rss_bytes(s.sw.proc.pid) for s in running}
     raw: dict[str, dict[int, list[float]]] = {s.name: {} for s in running}
-    for n in PORT_COUNTS:
-        for s in running:
-            if s.alive():
+    for rep in range(args.reps):
+        for n in PORT_COUNTS:
+            for s in running:
+                if not s.alive():
+                    continue
                 try:
-                    s.grow(n)
+                    s.resize(n)
                 except RuntimeError as exc:
                     s.error = str(exc)
-        for rep in range(args.reps):
-            for s in running:
-                if s.alive():
-                    pps = loop_rate(guests, pairs[s.name], 64, args.seconds)["rx_pps"]
-                    raw[s.name].setdefault(n, []).append(pps)
-                    print(f"  [4] rep {rep + 1} {n} ports {s.name}: {si(pps, 'pps')}",
-                          file=sys.stderr)
+                    continue
+                pps = loop_rate(guests, pairs[s.name], 64, args.seconds)["rx_pps"]
+                raw[s.name].setdefault(n, []).append(pps)
+                print(f"  [4] rep {rep + 1} {n} ports {s.name}: {si(pps, 'pps')}",
+                      file=sys.stderr)
+    for s in running:  # the idle measurement wants the 64 ports
+        if s.alive() and len(s.ports) != PORT_COUNTS[-1]:
+            s.resize(PORT_COUNTS[-1])
     for s in running:
         base = summary(raw[s.name].get(2, []))
         for n in PORT_COUNTS:
@@ -182,6 +189,7 @@ def grow_ports(guests, running: list[Switch], pairs: dict, args, rows: list[Row]
             else:
                 row.pps, row.bits = got, summary(x * 64 * 8 for x in got["runs"])
                 row.ratios = {"2 ports": ratio(got, base)}
+                row.extra["baseline"] = n == PORT_COUNTS[0]
             if n == 64:
                 row.target = ">= 0.9x 2 ports"
                 r = row.ratios.get("2 ports")
