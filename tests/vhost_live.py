@@ -43,8 +43,10 @@ from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 R = p.Request
 BROADCAST = b"\xff" * 6
-#: Source MAC of the frames injected on port a (the bridge learns it there).
+#: Source MACs of the frames injected on ports a and b (the bridge learns them there):
+#: traffic a -> b is unicast to B_MAC, so it never reaches the vhost-user guest.
 A_MAC = b"\x02\x00\x00\x00\x00\x0a"
+B_MAC = b"\x02\x00\x00\x00\x00\x0b"
 
 
 class _ExcRecords(logging.Handler):
@@ -79,6 +81,9 @@ class LiveSwitch:
             self._thread = threading.Thread(target=self.sw.run, name="pst-hostile-loop")
             self._thread.start()
             assert wait_until(lambda: self.sw.loop.iterations > 0), "switch loop did not start"
+            a = self.sw.port("a")
+            self.sw.port("b").inject([BROADCAST + B_MAC + b"\x08\x00" + bytes(46)])  # type: ignore[attr-defined]
+            assert wait_until(lambda: a.counters.tx_packets == 1), "b -> a does not forward"
             assert self.forwards(1), "a -> b does not forward"  # and the bridge learns A_MAC
         except BaseException:
             self.close()
@@ -88,12 +93,12 @@ class LiveSwitch:
         return int(self.port.vhost_stats[key])  # type: ignore[attr-defined]
 
     def frames(self, n: int) -> list[bytes]:
-        """``n`` distinct broadcast frames from a's MAC (flooded to b and the vhost port)."""
+        """``n`` distinct frames from a's MAC to b's (learned: they go to b only)."""
         out = []
         with self._lock:  # the traffic thread and the test thread both make frames
             first, self._seq = self._seq, self._seq + n
         for seq in range(first + 1, first + n + 1):
-            out.append(BROADCAST + A_MAC + b"\x08\x00"
+            out.append(B_MAC + A_MAC + b"\x08\x00"
                        + seq.to_bytes(8, "big") + bytes(38))
         return out
 
