@@ -8,8 +8,9 @@ import socket
 import subprocess
 import time
 
-from pyswitch.port import PortCounters
 from pyswitch.ports.afpacket import PacketRing
+
+from pyswitch.port import PortCounters
 
 FRAME = bytes.fromhex("ffffffffffff020000000001") + b"\x88\xb5" + bytes(50)
 
@@ -43,4 +44,4 @@ def test_ring_resyncs_past_a_slot_the_kernel_skipped():
         ring.close()
         tx.close()
     finally:
-        subprocess.run(["ip", "link", "del", a], capture_output=True)
+        subprocess.run(["ip", "link", "del", a], capture_output=True, check=False)

@@ -2,10 +2,11 @@
 
 import errno
 
-from pyswitch.port import PortCounters
 from pyswitch.ports.afpacket import _tx_error_reason
 from pyswitch.ports.frames import TX_RETRIES, send_each
 from pyswitch.ports.tap import _tx_error_reason as tap_reason
+
+from pyswitch.port import PortCounters
 
 FRAME = bytes(60)
 
