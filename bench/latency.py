@@ -109,26 +109,24 @@ def run(args, setups: list[Setup], conf: Path, rows: list[Row], errors: dict[str
     for name in [*(s.name for s in setups), *(n for n in errors if n not in pooled)]:
         for cond in conds:
             row = Row(SCEN3, f"RTT {cond}", name)
+            if name.startswith("pyswitch compiled"):
+                row.target = ("p50 <= linux bridge, p99 < 200 us" if cond == "idle"
+                              else "p50 <= linux bridge")
             got = pooled.get(name, {}).get(cond, {"rtt_ns": [], "lost": 0})
             if not got["rtt_ns"]:
                 row.error = errors.get(name, "no sample")
-            else:
-                us = got["rtt_ns"]
-                p99 = _pct(us, 99) / 1000
-                mid = p50[name][cond]
-                row.value = (f"p50 {mid:.1f} us, p99 {p99:.1f} us "
-                             f"(lost {got['lost']}/{len(us) + got['lost']})")
-                base = lb.get(cond)
-                if name != LB:
-                    row.ratios = {f"{LB} p50": mid / base if base else None}
-                row.extra = {"p50_us": mid, "p99_us": p99, "samples": len(us),
-                             "lost": got["lost"]}
-                if name.startswith("pyswitch compiled"):
-                    if cond == "idle":
-                        row.target = "p50 <= linux bridge, p99 < 200 us"
-                        row.met = None if not base else (mid <= base and p99 < 200)
-                    else:
-                        row.target = "p50 <= linux bridge"
-                        row.met = None if not base else mid <= base
+                rows.append(row)
+                continue
+            us = got["rtt_ns"]
+            p99 = _pct(us, 99) / 1000
+            mid = p50[name][cond]
+            row.value = (f"p50 {mid:.1f} us, p99 {p99:.1f} us "
+                         f"(lost {got['lost']}/{len(us) + got['lost']})")
+            base = lb.get(cond)
+            if name != LB:
+                row.ratios = {f"{LB} p50": mid / base if base else None}
+            row.extra = {"p50_us": mid, "p99_us": p99, "samples": len(us), "lost": got["lost"]}
+            if row.target is not None and base:
+                row.met = mid <= base and (p99 < 200 if cond == "idle" else True)
             rows.append(row)
     return lb

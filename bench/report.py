@@ -9,6 +9,7 @@ that could not run has `error` (why) and no figures: the run goes on.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +43,11 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["median"] / b["median"]
 
 
-def first_line(text: str, limit: int = 60) -> str:
-    """The last non-empty line of an error (where a log ends is why it ended), shortened."""
+def first_line(text: str, limit: int = 70) -> str:
+    """The last non-empty line of an error (where a log ends is why it ended), without a
+    log line's `time|module|LEVEL|` prefix, shortened."""
     lines = [x.strip() for x in str(text).splitlines() if x.strip()]
-    line = lines[-1] if lines else "failed"
+    line = re.sub(r"^\S+\|[\w.]+\|[A-Z]+\|", "", lines[-1]) if lines else "failed"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

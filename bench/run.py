@@ -16,7 +16,7 @@ pinned with taskset: 0 for generators and guests, 1 for the switches (see CPU li
 output). Prints one table, writes bench/out/run-<stamp>.json (and run-latest.json) and a PNG
 chart of the ratios (bench/out/run-<stamp>.png; needs the optional `bench` extra:
 matplotlib). Every process, namespace, link, socket, hugepage setting is undone on exit,
-failure, Ctrl-C or SIGTERM. Default run: about 13 minutes; --quick: about 4.
+failure, Ctrl-C or SIGTERM. Default run: about 12 minutes; --quick: about 4-5 (loaded machine).
 """
 
 from __future__ import annotations
@@ -89,21 +89,23 @@ def code_version() -> str:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="1 rep of 2 s, fewer latency samples: about 4 minutes")
+                   help="1 rep of 2 s, fewer latency samples, 1 learning pass: about 4-5 minutes")
     p.add_argument("--only", action="append", choices=SCENARIOS,
                    help="run only this scenario (repeatable)")
     p.add_argument("--seconds", type=float, help="measuring time of one rate run (3; quick 2)")
     p.add_argument("--reps", type=int, help="runs of each measurement, interleaved (3; quick 1)")
-    p.add_argument("--samples", type=int, help="round trips per path and condition (3000; quick 1000)")
+    p.add_argument("--samples", type=int, help="round trips per path and condition (3000; quick 500)")
     p.add_argument("--load-pps", type=int, default=20000, help="background load for latency")
     p.add_argument("--learn-pps", type=int, default=10000, help="rate of the MAC-learning frames")
     p.add_argument("--idle-seconds", type=float, help="idle CPU sampling time (10; quick 5)")
+    p.add_argument("--learn-passes", type=int,
+                   help="MAC-learning passes at most, while under 95%% learned (3; quick 1)")
     p.add_argument("--datapaths", default=",".join(DATAPATHS),
                    help="pyswitch data paths to measure (default python,compiled)")
     args = p.parse_args()
     quick = args.quick
-    for name, full, short in (("seconds", 3.0, 2.0), ("reps", 3, 1), ("samples", 3000, 1000),
-                              ("idle_seconds", 10.0, 5.0)):
+    for name, full, short in (("seconds", 3.0, 2.0), ("reps", 3, 1), ("samples", 3000, 500),
+                              ("idle_seconds", 10.0, 5.0), ("learn_passes", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
     args.only = args.only or list(SCENARIOS)

@@ -15,7 +15,7 @@ same path.
   return within 120 s.)
 - learned MACs 10, 10,000, 100,000: trafgen sends frames with source MACs
   02:55:00:00:00:00 + 0..N-1 at `--learn-pps` (default 10 kpps: every new MAC goes up to
-  the Python slow path) to the receiver, up to 3 times while pyswitch's gauge
+  the Python slow path) to the receiver, up to `--learn-passes` times (3) while pyswitch's gauge
   `pyswitch_bridge_mac_entries` counts under 95 % of N; the case shows the count (the 2
   hosts' MACs included; `fdb-show --json` of 100,000 entries failed on the control socket);
 - distinct flows 1, 1,000, 100,000 (the decision cache's worst case): the measured stream
@@ -62,8 +62,8 @@ def bridge(s: Setup) -> str:
     return s.tx_ns[:-1] + "br"  # veth.pyswitch_bridge names it <tag>br, namespaces <tag>a/b
 
 
-def learn(s: Setup, n: int, pps: int, work: Path) -> int:
-    """Send frames from n distinct source MACs through `s` (again, up to 3 passes, while
+def learn(s: Setup, n: int, pps: int, work: Path, passes: int) -> int:
+    """Send frames from n distinct source MACs through `s` (again, up to `passes`, while
     the table holds under 95 % of them: a frame the switch dropped taught it nothing);
     the MAC table's size after."""
     conf = work / f"learn{n}.cfg"
@@ -71,7 +71,7 @@ def learn(s: Setup, n: int, pps: int, work: Path) -> int:
     argv = ["ip", "netns", "exec", s.tx_ns, "taskset", "-c", str(GEN_CPU), "trafgen",
             "--dev", "eth0", "--conf", str(conf), "--cpus", "1", "--no-sock-mem",
             "--notouch-irq", "--no-cpu-stats", "--rate", f"{pps}pps", "-n", str(n)]
-    for _ in range(3):
+    for _ in range(passes):
         gen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         try:
@@ -106,7 +106,7 @@ class Dimension:
                 s.switch.ctl("replace-flows", bridge(s), str(f), timeout=300)
                 self.state[s.name] = value
         elif self.name == "learned MACs":
-            got = learn(s, value, self.args.learn_pps, self.work)
+            got = learn(s, value, self.args.learn_pps, self.work, self.args.learn_passes)
             self.note[(s.name, value)] = f"fdb {got}"
 
 
