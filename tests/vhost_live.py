@@ -64,10 +64,14 @@ class _ExcRecords(logging.Handler):
 class LiveSwitch:
     """Switch with ``vh`` (vhost-user server), ``a``, ``b`` (memory) on br0, running."""
 
-    def __init__(self, sock_dir: Path) -> None:
+    def __init__(self, sock_dir: Path, server_path: str | None = None) -> None:
+        """A ``dpdkvhostuser`` port listening in ``sock_dir``, or with ``server_path`` a
+        ``dpdkvhostuserclient`` port connecting there."""
         self.name = "pst" + secrets.token_hex(2)
+        vh = (f"{{type: dpdkvhostuser, options: {{vhost-sock-dir: '{sock_dir}'}}}}" if server_path is None
+              else f"{{type: dpdkvhostuserclient, options: {{vhost-server-path: '{server_path}'}}}}")
         topo = ("bridges:\n  br0:\n    ports:\n"
-                f"      {self.name}: {{type: dpdkvhostuser, options: {{vhost-sock-dir: '{sock_dir}'}}}}\n"
+                f"      {self.name}: {vh}\n"
                 "      a: {type: memory}\n      b: {type: memory, options: {capacity: '64'}}\n")
         self.sw = Switch()
         self._exc = _ExcRecords()
