@@ -25,7 +25,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from pyswitch.ports.vhostuser import protocol as p
 
+from pyswitch.metrics import start_metrics_server
+from pyswitch.stats import port_stats
 from tests.netns_util import wait_until
+from tests.test_metrics import get, scrape
 from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
@@ -268,3 +271,19 @@ def test_fd_on_a_request_that_takes_none(session: Session) -> None:
         os.close(fd)
     assert status(reply) != 0
     session.assert_refused(closed=False)
+
+
+def test_the_count_is_in_port_stats_and_metrics(session: Session) -> None:
+    """What an operator sees: ``port-stats`` (pyswitch.stats) and ``/metrics``."""
+    session.fe.sock.sendall(p.HEADER.pack(R.GET_FEATURES, 2, 0))  # bad version
+    session.assert_refused(closed=True)
+    live = session.live
+    n = live.stat("protocol_errors")
+    assert port_stats(live.sw, [live.name])[live.name]["vhost"]["counters"]["protocol_errors"] == n
+    srv = start_metrics_server(live.sw, port=0)
+    try:
+        samples = scrape(srv.url)
+    finally:
+        srv.close()
+    assert get(samples, "pyswitch_vhost_protocol_errors_total", bridge="br0", port=live.name,
+               type="dpdkvhostuser") == n
