@@ -40,7 +40,7 @@ from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
 from tests.vhost_live import (  # noqa: I001
-    A_MAC, B_MAC, BROADCAST, FD_KINDS, LiveSwitch, memfd, negotiation, open_fds, rss_kib)
+    A_MAC, B_MAC, BROADCAST, LiveSwitch, hostile_session, open_fds, rss_kib)
 
 pytest_plugins = ["tests.vhost_live"]  # fixture live
 R = p.Request
@@ -90,63 +90,8 @@ def good_round(live: LiveSwitch) -> None:
     assert live.disconnected()
 
 
-def _send_fd_kind(fe: Frontend, i: int) -> None:
-    kind = sorted(FD_KINDS)[i % len(FD_KINDS)]
-    fd, extra = FD_KINDS[kind]()
-    try:
-        table = p.MEM_TABLE_HEADER.pack(1, 0) + p.MEM_REGION.pack(0, MiB, 0, 0)
-        req = (R.SET_MEM_TABLE, R.SET_VRING_KICK, R.ADD_MEM_REG)[i % 3]
-        payload = {R.SET_MEM_TABLE: table, R.SET_VRING_KICK: p.U64.pack(1),
-                   R.ADD_MEM_REG: bytes(8) + p.MEM_REGION.pack(0, MiB, 0, 0)}[req]
-        fe.request(req, payload, [fd], check=False)
-    finally:
-        for f in (fd, *extra):
-            os.close(f)
-
-
-def _cut_mid_message(fe: Frontend, i: int) -> None:
-    ram = GuestRAM([(0, MiB)])
-    try:
-        steps = negotiation(fe, ram, DriverQueue(ram, 64), DriverQueue(ram, 64))
-        for req, payload, fds in steps[: i % len(steps)]:
-            fe.request(req, payload, fds or None)
-            if req == R.SET_PROTOCOL_FEATURES:
-                fe.protocol_features = p.U64.unpack(payload)[0]
-        req, payload, fds = steps[i % len(steps)]
-        data = p.encode(req, payload)
-        p.send_message(fe.sock, data[: len(data) // 2 or 1], fds or None)
-    finally:
-        ram.close()
-
-
-def _many_fds_and_regions(fe: Frontend, i: int) -> None:
-    fds = [memfd(4096) for _ in range(p.MAX_FDS + 1)]
-    try:
-        table = p.MEM_TABLE_HEADER.pack(9, 0) + b"".join(
-            p.MEM_REGION.pack(k * MiB, 4096, k * MiB, 0) for k in range(9))
-        p.send_message(fe.sock, p.encode(R.SET_MEM_TABLE, table), fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _garbage(fe: Frontend, i: int) -> None:
-    fe.sock.sendall(os.urandom(12 + i % 50))
-
-
-HOSTILE: list[Callable[[Frontend, int], None]] = [
-    _send_fd_kind, _cut_mid_message, _many_fds_and_regions, _garbage]
-
-
 def hostile_round(live: LiveSwitch, i: int) -> None:
-    fe = Frontend.connect(live.path)
-    try:
-        fe.negotiate()
-        HOSTILE[i % len(HOSTILE)](fe, i // len(HOSTILE))
-    except (p.Disconnected, AssertionError, TimeoutError):
-        pass  # the switch may close at once: that is its right
-    finally:
-        fe.close()
+    hostile_session(live.path, i)
     assert live.disconnected()
 
 
@@ -189,7 +134,9 @@ def test_hostile_sessions_leak_nothing(live: LiveSwitch) -> None:
         churn(live, hostile_round)
     finally:
         logger.setLevel(level)
-    assert live.stat("protocol_errors") - errors >= ROUNDS  # every hostile session was refused
+    # 3 of the 4 kinds of session always break the protocol; the wrong-fd kind sometimes
+    # sends the right fd (an eventfd as kick, a memfd as memory)
+    assert live.stat("protocol_errors") - errors >= (WARMUP + ROUNDS) * 3 // 4
     good_round(live)  # and the port still works
 
 

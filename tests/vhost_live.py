@@ -345,3 +345,67 @@ def negotiation(fe: Frontend, ram: GuestRAM, rxq: DriverQueue, txq: DriverQueue
         (R.GET_VRING_BASE, p.VRING_STATE.pack(0, 0), []),
         (R.GET_VRING_BASE, p.VRING_STATE.pack(1, 0), []),
     ]
+
+
+# -- hostile sessions for churn tests -------------------------------------------------------
+
+def _send_fd_kind(fe: Frontend, i: int) -> None:
+    kind = sorted(FD_KINDS)[i % len(FD_KINDS)]
+    fd, extra = FD_KINDS[kind]()
+    try:
+        table = p.MEM_TABLE_HEADER.pack(1, 0) + p.MEM_REGION.pack(0, (1 << 20), 0, 0)
+        req = (R.SET_MEM_TABLE, R.SET_VRING_KICK, R.ADD_MEM_REG)[i % 3]
+        payload = {R.SET_MEM_TABLE: table, R.SET_VRING_KICK: p.U64.pack(1),
+                   R.ADD_MEM_REG: bytes(8) + p.MEM_REGION.pack(0, (1 << 20), 0, 0)}[req]
+        fe.request(req, payload, [fd], check=False)
+    finally:
+        for f in (fd, *extra):
+            os.close(f)
+
+
+def _cut_mid_message(fe: Frontend, i: int) -> None:
+    ram = GuestRAM([(0, (1 << 20))])
+    try:
+        steps = negotiation(fe, ram, DriverQueue(ram, 64), DriverQueue(ram, 64))
+        for req, payload, fds in steps[: i % len(steps)]:
+            fe.request(req, payload, fds or None)
+            if req == R.SET_PROTOCOL_FEATURES:
+                fe.protocol_features = p.U64.unpack(payload)[0]
+        req, payload, fds = steps[i % len(steps)]
+        data = p.encode(req, payload)
+        p.send_message(fe.sock, data[: len(data) // 2 or 1], fds or None)
+    finally:
+        ram.close()
+
+
+def _many_fds_and_regions(fe: Frontend, i: int) -> None:
+    fds = [memfd(4096) for _ in range(p.MAX_FDS + 1)]
+    try:
+        table = p.MEM_TABLE_HEADER.pack(9, 0) + b"".join(
+            p.MEM_REGION.pack(k * (1 << 20), 4096, k * (1 << 20), 0) for k in range(9))
+        p.send_message(fe.sock, p.encode(R.SET_MEM_TABLE, table), fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _garbage(fe: Frontend, i: int) -> None:
+    fe.sock.sendall(os.urandom(12 + i % 50))
+
+
+HOSTILE: list[Callable[[Frontend, int], None]] = [
+    _send_fd_kind, _cut_mid_message, _many_fds_and_regions, _garbage]
+
+
+def hostile_session(path: str, i: int) -> None:
+    """Hostile session number ``i`` on the socket at ``path``: the i-th of a rotation of
+    wrong fd kinds, messages cut in the middle at each step, 9 regions with 9 fds, and
+    garbage.  Returns once this side closed (the switch may have closed first)."""
+    fe = Frontend.connect(path)
+    try:
+        fe.negotiate()
+        HOSTILE[i % len(HOSTILE)](fe, i // len(HOSTILE))
+    except (p.Disconnected, AssertionError, TimeoutError):
+        pass  # the switch may close at once: that is its right
+    finally:
+        fe.close()
