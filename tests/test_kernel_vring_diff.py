@@ -249,7 +249,10 @@ def step(pair: Pair, data: st.DataObject) -> str:
         lengths = draw(st.lists(st.sampled_from([0, 1, 14, 60, 64, 300, 1514, 1518, 2000])
                                 | st.integers(0, 1600), max_size=40))
         rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-        frames = [rng.randbytes(n) for n in lengths]
+        # bytes as the switch mostly passes them; bytearray and memoryview take the
+        # kernel's buffer-protocol path
+        frames = [rng.choice((bytes, bytes, bytearray, memoryview))(rng.randbytes(n))
+                  for n in lengths]
         mergeable = draw(st.booleans())
         pair.both(op, lambda vq: _fill(vq, frames, mergeable, g.hdr_len))
     elif op == "post":  # the driver makes more heads available (or jumps absurdly)

@@ -30,7 +30,8 @@ What C changes, and how this file keeps it safe:
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
@@ -556,10 +557,15 @@ cdef class Virtqueue:
         cdef uint16_t head
         cdef vr_desc d
         cdef seg_t s
+        cdef bint exported
         for frame in frames:
-            PyObject_GetBuffer(frame, &buf, PyBUF_SIMPLE)
-            try:
+            exported = not PyBytes_CheckExact(frame)  # bytes: no buffer export needed
+            if exported:
+                PyObject_GetBuffer(frame, &buf, PyBUF_SIMPLE)
                 data, n = <const uint8_t *>buf.buf, buf.len
+            else:
+                data, n = <const uint8_t *>PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame)
+            try:
                 need = hdr_len + n
                 if pos < nheads and self._heads[pos] < self.size:  # fast path: one big buffer
                     head = self._heads[pos]
@@ -590,7 +596,8 @@ cdef class Virtqueue:
                 sent += 1
                 nbytes += n
             finally:
-                PyBuffer_Release(&buf)
+                if exported:
+                    PyBuffer_Release(&buf)
         # give back the heads we looked at but did not use
         self._last = <uint16_t>(self._last - (nheads - pos))
         self.stats.bad_chains += bad
