@@ -8,13 +8,15 @@ vSwitch's userspace datapath: a private ovs-vswitchd without DPDK (bench/ovs.py,
 ends of the hosts' veth pairs (`ovs-vsctl add-port BR vethX`; NORMAL; no kernel module).
 Latency runs first (bench/latency.py), then the 64-byte UDP flood of bench/veth.py's
 `udp_rate`, interleaved over the paths, so a path that a flood leaves broken still has
-its latency figures. CPUs: trafgen, the echo client and server on CPU 0 (with the Linux
+its latency figures; 5 pings through each path 1 s after the last flood (`pings_after`)
+and pyswitch's port counters (drops by reason) go into the JSON. CPUs: trafgen, the echo client and server on CPU 0 (with the Linux
 bridge's forwarding, in the sender's softirq); pyswitch and ovs-vswitchd on CPU 1.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import ExitStack
 
 import latency
@@ -35,6 +37,7 @@ from veth import (
     check_path,
     configure_host,
     linux_bridge,
+    pings_after,
     pyswitch_bridge,
     udp_rate,
 )
@@ -129,6 +132,15 @@ def measure(args, setups: list[Setup], errors: dict[str, str], conf, datapaths, 
                 continue
             raw[s.name].append(r)
             print(f"  [2] rep {rep + 1} {s.name}: {si(r['rx_pps'], 'pps')}", file=sys.stderr)
+    time.sleep(1.0)
+    after = {s.name: pings_after(s) for s in setups}  # does the path still forward?
+    stats = {}
+    for s in setups:
+        if s.switch is not None:
+            try:
+                stats[s.name] = s.switch.port_stats()
+            except RuntimeError as exc:
+                stats[s.name] = {"error": str(exc)}
     res = {n: summary(r["rx_pps"] for r in runs) for n, runs in raw.items()}
     names = [f"pyswitch {dp}" for dp in datapaths] + [LB, OVSN]
     for name in names:
@@ -139,7 +151,8 @@ def measure(args, setups: list[Setup], errors: dict[str, str], conf, datapaths, 
             row.pps = res[name]
             row.bits = summary(r["rx_pps"] * FRAME * 8 for r in raw[name])
             row.ratios = {p: ratio(res[name], res.get(p)) for p in (LB, OVSN) if p != name}
-            row.extra = {"offered_pps": summary(r["offered_pps"] for r in raw[name])}
+            row.extra = {"offered_pps": summary(r["offered_pps"] for r in raw[name]),
+                         "pings_after_flood": after.get(name), "port_stats": stats.get(name)}
         if name == "pyswitch compiled":
             row.target = ">= 2x linux bridge"
             r = row.ratios.get(LB)
