@@ -78,21 +78,31 @@ def frame_slot_size(mtu: int) -> int:
 log = logging.getLogger(__name__)
 
 
+#: The ring the compiled path reads.  3: TPACKET_V3 blocks (fewer wake-ups under load, but
+#: a lone frame waits for the kernel's block timer: up to a jiffy, 4 ms at HZ=250);
+#: 2: TPACKET_V2 slots read in C (each frame seen at once).  See _pktio.pyx's docstring.
+COMPILED_TPACKET = 3
+
+
 def open_ring(
     ifname: str,
     mtu: int,
     counters: PortCounters,
     pktio: ModuleType | None = None,
     ring_bytes: int = RING_BYTES,
+    tpacket: int | None = None,
 ) -> PacketRing:
     """The receive ring and transmit loop of a veth port: the compiled kernel's
-    ``PacketRingV3`` when ``pktio`` (the ``_pktio`` module) is given, else the Python
-    :class:`PacketRing`.  ``PortError`` if the socket or ring cannot be set up."""
+    ``PacketRingV3`` or ``PacketRingV2`` (``tpacket``, default :data:`COMPILED_TPACKET`)
+    when ``pktio`` (the ``_pktio`` module) is given, else the Python :class:`PacketRing`.
+    ``PortError`` if the socket or ring cannot be set up."""
     if pktio is None:
         return PacketRing(ifname, mtu, counters, ring_bytes)
-    sock = _open_socket(ifname, TPACKET_V3)
+    tpacket = tpacket or COMPILED_TPACKET
+    sock = _open_socket(ifname, TPACKET_V3 if tpacket == 3 else TPACKET_V2)
     try:
-        return pktio.PacketRingV3(sock, ifname, mtu, counters, ring_bytes)  # type: ignore[no-any-return]
+        kind = pktio.PacketRingV3 if tpacket == 3 else pktio.PacketRingV2
+        return kind(sock, ifname, mtu, counters, ring_bytes)  # type: ignore[no-any-return]
     except OSError as exc:
         sock.close()
         raise PortError(f"setting up the receive ring on {ifname!r}: {exc.strerror}") from exc

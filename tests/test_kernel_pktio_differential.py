@@ -1,8 +1,8 @@
 """Both packet-I/O paths on the same traffic: what they return, send and count must agree.
 
-Receive: the Python ``PacketRing`` (TPACKET_V2) and the kernel's ``PacketRingV3`` are bound
-to the same veth end at once, so each gets its own copy of every frame the namespace
-sends; the two lists must be equal byte for byte, in order, tags included, and so must
+Receive: the Python ``PacketRing`` (TPACKET_V2) and the kernel's ``PacketRingV3`` and
+``PacketRingV2`` are bound to the same veth end at once, so each gets its own copy of
+every frame the namespace sends; the two lists must be equal byte for byte, in order, tags included, and so must
 the counters.  Transmit: each path sends the same batch (tags, runts, over-MTU frames)
 to a sniffer in the namespace.  TAP: the host sends the same frames out of a TAP read by
 one path, then by the other.
@@ -47,9 +47,9 @@ def random_frames(seed: int, n: int, biggest: int) -> list[bytes]:
 def test_receive_is_identical_on_both_paths(kern: ModuleType) -> None:
     sent = random_frames(1, 300, 1500 + 60)
     with veth_pair(mtu=1600) as (here, ns):
-        counters = {"python": PortCounters(), "compiled": PortCounters()}
-        rings = {p: open_ring(here, 1500, counters[p], kern if p == "compiled" else None)
-                 for p in counters}
+        counters = {p: PortCounters() for p in ("python", "compiled", "compiled V2")}
+        rings = {p: open_ring(here, 1500, counters[p], kern if p != "python" else None,
+                              tpacket=2 if p.endswith("V2") else 3) for p in counters}
         try:
             for i in range(0, len(sent), 50):
                 ns_send(ns, sent[i:i + 50])
@@ -58,12 +58,13 @@ def test_receive_is_identical_on_both_paths(kern: ModuleType) -> None:
         finally:
             for r in rings.values():
                 r.close()
-    assert got["compiled"] == got["python"]
+    assert got["compiled"] == got["python"] and got["compiled V2"] == got["python"]
     assert got["python"][-1] == frame(b"end" + bytes(60))
     limit = [f for f in sent if len(f) <= 1514 or (len(f) <= 1518 and f[12:14] in (
         b"\x81\x00", b"\x88\xa8"))]
     assert got["python"][:-1] == limit, "both paths must return exactly the frames in the limit"
     assert counters["compiled"].as_dict() == counters["python"].as_dict()
+    assert counters["compiled V2"].as_dict() == counters["python"].as_dict()
     assert counters["python"].drops == {"mtu": len(sent) - len(limit)}
 
 

@@ -16,6 +16,18 @@ cdef extern from "<linux/if_packet.h>" nogil:
         unsigned int tp_retire_blk_tov
         unsigned int tp_sizeof_priv
         unsigned int tp_feature_req_word
+    struct tpacket_req:
+        unsigned int tp_block_size
+        unsigned int tp_block_nr
+        unsigned int tp_frame_size
+        unsigned int tp_frame_nr
+    struct tpacket2_hdr:
+        uint32_t tp_status
+        uint32_t tp_len
+        uint32_t tp_snaplen
+        uint16_t tp_mac
+        uint16_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
     struct tpacket_stats_v3:
         unsigned int tp_packets
         unsigned int tp_drops
