@@ -1,4 +1,4 @@
-"""The _pktio kernel's TPACKET_V3 ring walker on blocks with impossible values.
+"""The _pktio kernel's ring walkers (TPACKET_V3 blocks, TPACKET_V2 slots) on impossible values.
 
 The kernel writes the ring, but a wrong offset or length must never make the walker read
 outside the mapping.  The test maps the same ring a second time (an AF_PACKET ring can be
@@ -17,7 +17,7 @@ import time
 from types import ModuleType
 
 import pytest
-from pyswitch.ports.afpacket import TPACKET_V3, _open_socket
+from pyswitch.ports.afpacket import TPACKET_V3, _open_socket, open_ring
 
 from pyswitch.port import PortCounters
 from tests.test_kernel_pktio import collect, frame, kern, ns_send, veth_pair
@@ -85,4 +85,42 @@ def test_hostile_block_values_are_contained(kern: ModuleType, case: str) -> None
             ring.close()
     assert got == sent[:intact]
     assert c.drops == ({} if case.startswith("no frames") else {"malformed": 1}), c.drops
+    assert after == [frame(b"after" + bytes(60))]
+
+
+# struct tpacket2_hdr: tp_status, tp_snaplen, tp_mac
+V2_STATUS, V2_SNAPLEN, V2_MAC = 0, 8, 12
+V2_CASES = {
+    "snaplen past the slot": ("=I", V2_SNAPLEN, 0xFFFFFFF0),
+    "mac offset past the slot": ("=H", V2_MAC, 0xFFFF),
+    "runt": ("=I", V2_SNAPLEN, 13),
+}
+
+
+@pytest.mark.parametrize("case", list(V2_CASES))
+def test_hostile_slot_values_are_contained(kern: ModuleType, case: str) -> None:
+    """The same for the compiled TPACKET_V2 reader: the second of four slots is damaged;
+    the other three frames come back, the damaged one counts as malformed."""
+    fmt, field, value = V2_CASES[case]
+    sent = [frame(bytes([i]) * 60) for i in range(4)]
+    with veth_pair() as (here, ns):
+        c = PortCounters()
+        ring = open_ring(here, 1500, c, kern, tpacket=2)
+        info = ring.ring_info()
+        view = mmap.mmap(ring.fileno(), info["ring_slots"] * info["slot_size"])
+        try:
+            ns_send(ns, sent)
+            last = 3 * info["slot_size"]
+            deadline = time.monotonic() + 2
+            while not u32(view, last + V2_STATUS) & 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            struct.pack_into(fmt, view, info["slot_size"] + field, value)
+            got = list(ring.receive(32))
+            ns_send(ns, [frame(b"after" + bytes(60))])
+            after = collect(ring, 1)
+        finally:
+            view.close()
+            ring.close()
+    assert got == [sent[0], *sent[2:]]
+    assert c.drops == {"malformed": 1}, c.drops
     assert after == [frame(b"after" + bytes(60))]
