@@ -131,9 +131,11 @@ def run(stack: ExitStack, args, datapaths: tuple[str, ...], rows: list[Row], vm:
                     pause()
                 raw[b][size].append(pps)
                 print(f"  [1] rep {rep + 1} {size} B {b}: {si(pps, 'pps')}", file=sys.stderr)
+    stats = {}
     for s in running:
-        s.alive()
-        if s.error:
+        if s.alive():
+            stats[s.name] = s.sw.port_stats()  # drops by reason, into the JSON
+        else:
             errors[s.name] = s.error
     for size in SIZES:
         res = {b: summary(raw[b][size]) for b in order}
@@ -145,6 +147,7 @@ def run(stack: ExitStack, args, datapaths: tuple[str, ...], rows: list[Row], vm:
                 row.pps = res[b]
                 row.bits = summary(x * size * 8 for x in raw[b][size])
                 row.ratios = {p: ratio(res[b], res.get(p)) for p in (OVS, VHOST) if p != b}
+                row.extra = {"port_stats": stats.get(b)} if b in stats else {}
             if b == "pyswitch compiled":
                 row.target = "pps >= 0.5x OVS-DPDK" if size == 64 else "bits/s >= 1x OVS-DPDK"
                 r = row.ratios.get(OVS)
