@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from pyswitch.ports.vhostuser import protocol as p
@@ -34,16 +34,9 @@ from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 pytest.register_assert_rewrite("tests.vhost_live")
 from tests.vhost_live import FD_KINDS, Session, memfd, status
 
-pytest_plugins = ["tests.vhost_live"]  # fixtures live, session
+pytest_plugins = ["tests.vhost_live"]  # fixtures live, session, ram
 R = p.Request
 MiB = 1 << 20
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRAM]:
-    r = GuestRAM([(0, 4 * MiB)])
-    yield r
-    r.close()
 
 
 def table(*regions: tuple[int, int, int, int], n: int | None = None) -> bytes:
@@ -165,15 +158,8 @@ def test_resize_of_a_started_ring(session: Session, ram: GuestRAM) -> None:
 
 def test_more_regions_than_set_mem_table_allows(session: Session) -> None:
     session.fe.negotiate()
-    fds = [memfd(4096) for _ in range(p.MAX_FDS)]
-    try:
-        regions = [(i * MiB, 4096, i * MiB, 0) for i in range(9)]
-        reply = session.fe.request(R.SET_MEM_TABLE, table(*regions), fds, check=False)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert status(reply) != 0
-    session.assert_refused(closed=False)
+    regions = [(i * MiB, 4096, i * MiB, 0) for i in range(9)]
+    session.refuse(R.SET_MEM_TABLE, table(*regions), [memfd(4096) for _ in range(p.MAX_FDS)])
 
 
 def test_add_mem_reg_beyond_the_slots_offered(session: Session) -> None:
@@ -209,14 +195,7 @@ BAD_TABLES = {
 @pytest.mark.parametrize("payload,nfds", BAD_TABLES.values(), ids=BAD_TABLES.keys())
 def test_bad_memory_table(session: Session, payload: bytes, nfds: int) -> None:
     session.fe.negotiate()
-    fds = [memfd(2 * MiB) for _ in range(nfds)]
-    try:
-        reply = session.fe.request(R.SET_MEM_TABLE, payload, fds, check=False)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert status(reply) != 0
-    session.assert_refused(closed=False)
+    session.refuse(R.SET_MEM_TABLE, payload, [memfd(2 * MiB) for _ in range(nfds)])
     assert session.live.port.device.memory is None  # type: ignore[attr-defined]
 
 
@@ -252,25 +231,12 @@ def test_notification_fd_that_is_not_an_eventfd(session: Session, req: int, kind
                          ids=["missing", "two", "fd_with_nofd_flag"])
 def test_notification_fd_count(session: Session, nfds: int, flag: int) -> None:
     session.fe.negotiate()
-    fds = [os.eventfd(0) for _ in range(nfds)]
-    try:
-        reply = session.fe.request(R.SET_VRING_KICK, p.U64.pack(1 | flag), fds, check=False)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    assert status(reply) != 0
-    session.assert_refused(closed=False)
+    session.refuse(R.SET_VRING_KICK, p.U64.pack(1 | flag), [os.eventfd(0) for _ in range(nfds)])
 
 
 def test_fd_on_a_request_that_takes_none(session: Session) -> None:
     session.fe.negotiate()
-    fd = memfd()
-    try:
-        reply = session.fe.request(R.SET_OWNER, b"", [fd], check=False)
-    finally:
-        os.close(fd)
-    assert status(reply) != 0
-    session.assert_refused(closed=False)
+    session.refuse(R.SET_OWNER, b"", [memfd()])
 
 
 def test_the_count_is_in_port_stats_and_metrics(session: Session) -> None:

@@ -103,12 +103,12 @@ class Guest:
         self.ram.close()
 
 
-@pytest.fixture
-def guest(datapath: str, tmp_path: Path) -> Iterator[Guest]:
+def live_guest(datapath: str, tmp_path: Path, features: int = OFFERED_FEATURES) -> Iterator[Guest]:
+    """A switch built on ``datapath`` with a guest attached; both closed afterwards."""
     live = LiveSwitch(tmp_path)
     g = None
     try:
-        g = Guest(live)
+        g = Guest(live, features)
         impl = type(g.port.device.rings[0].queue).__module__  # type: ignore[attr-defined]
         assert ("_vring" in impl) == (datapath == "compiled"), f"{datapath} path runs {impl}"
         yield g
@@ -117,6 +117,11 @@ def guest(datapath: str, tmp_path: Path) -> Iterator[Guest]:
         if g is not None:
             g.close()
         live.close()
+
+
+@pytest.fixture
+def guest(datapath: str, tmp_path: Path) -> Iterator[Guest]:
+    yield from live_guest(datapath, tmp_path)
 
 
 def to_guest(live: LiveSwitch, n: int, size: int = 60) -> None:
@@ -269,16 +274,7 @@ def _chain_buffer(q: DriverQueue, head: int) -> tuple[int, int]:
 @pytest.fixture
 def plain_guest(datapath: str, tmp_path: Path) -> Iterator[Guest]:
     """A guest that did not negotiate mergeable receive buffers."""
-    live = LiveSwitch(tmp_path)
-    g = None
-    try:
-        g = Guest(live, OFFERED_FEATURES & ~VIRTIO_NET_F_MRG_RXBUF)
-        yield g
-        live.assert_healthy()
-    finally:
-        if g is not None:
-            g.close()
-        live.close()
+    yield from live_guest(datapath, tmp_path, OFFERED_FEATURES & ~VIRTIO_NET_F_MRG_RXBUF)
 
 
 def test_receive_buffers_too_small_for_the_frame(plain_guest: Guest) -> None:

@@ -18,28 +18,21 @@ port beside two memory ports that forward throughout.  What is checked:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 from pyswitch.ports.vhostuser import protocol as p
 from pyswitch.ports.vhostuser.device import OFFERED_PROTOCOL_FEATURES
 
 from tests.netns_util import wait_until
+from tests.test_vhost_port import bring_up
 from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
 from tests.vhost_live import A_MAC, LiveSwitch, Session, negotiation, open_fds
 
-pytest_plugins = ["tests.vhost_live"]  # fixtures live, session
+pytest_plugins = ["tests.vhost_live"]  # fixtures live, session, ram
 R = p.Request
 MiB = 1 << 20
-
-
-@pytest.fixture
-def ram() -> Iterator[GuestRAM]:
-    r = GuestRAM([(0, 4 * MiB)])
-    yield r
-    r.close()
 
 
 def guest_frame(seq: int) -> bytes:
@@ -110,11 +103,7 @@ def test_disconnect_at_every_step(live: LiveSwitch, caplog: pytest.LogCaptureFix
     good_ram = GuestRAM([(0, 4 * MiB)])
     good = Frontend.connect(live.path)
     try:
-        good.negotiate()
-        good.set_mem_table(good_ram)
-        rxq, txq = DriverQueue(good_ram, 64), DriverQueue(good_ram, 64)
-        good.setup_ring(0, rxq)
-        good.setup_ring(1, txq)
+        ((_, txq),) = bring_up(good, good_ram, size=64)
         assert guest_sends(live, good, txq)
     finally:
         good.close()
@@ -201,13 +190,19 @@ def test_ring_addresses_outside_guest_memory(session: Session, ram: GuestRAM, ba
     assert any("cannot start" in m for m in session.warned())
 
 
+def started_transmitq(session: Session, ram: GuestRAM) -> DriverQueue:
+    """Negotiate, share ``ram`` and start a polled transmitq (vring 1)."""
+    session.fe.negotiate()
+    session.fe.set_mem_table(ram)
+    txq = DriverQueue(ram, 64)
+    session.fe.setup_ring(1, txq, kick=False)
+    assert wait_until(lambda: ring_started(session.live, 1))
+    return txq
+
+
 def test_started_ring_moved_outside_memory_stops(session: Session, ram: GuestRAM) -> None:
     fe, live = session.fe, session.live
-    fe.negotiate()
-    fe.set_mem_table(ram)
-    txq = DriverQueue(ram, 64)
-    fe.setup_ring(1, txq, kick=False)
-    assert wait_until(lambda: ring_started(live, 1))
+    txq = started_transmitq(session, ram)
     fe.request(R.SET_VRING_ADDR, _addr(txq, desc=0xDEAD_0000_0000))
     session.assert_refused(closed=False)
     assert not ring_started(live, 1)
@@ -215,11 +210,7 @@ def test_started_ring_moved_outside_memory_stops(session: Session, ram: GuestRAM
 
 def test_new_memory_table_without_the_rings_stops_them(session: Session, ram: GuestRAM) -> None:
     fe, live = session.fe, session.live
-    fe.negotiate()
-    fe.set_mem_table(ram)
-    txq = DriverQueue(ram, 64)
-    fe.setup_ring(1, txq, kick=False)
-    assert wait_until(lambda: ring_started(live, 1))
+    started_transmitq(session, ram)
     other = GuestRAM([(64 * MiB, MiB)])
     other.regions[0].uva = 0x5000_0000_0000  # the front end moved: ring addresses now point nowhere
     try:

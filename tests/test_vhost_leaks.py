@@ -36,7 +36,8 @@ from pyswitch.ports.vhostuser import protocol as p
 
 from tests.netns_util import wait_until
 from tests.peers.testpmd import Testpmd
-from tests.vhost_frontend import DriverQueue, Frontend, GuestRAM
+from tests.test_vhost_port import bring_up
+from tests.vhost_frontend import Frontend, GuestRAM
 
 pytest.register_assert_rewrite("tests.vhost_live")
 from tests.vhost_live import (  # noqa: I001
@@ -70,11 +71,7 @@ def good_round(live: LiveSwitch) -> None:
     ram = GuestRAM([(0, MiB)])
     fe = Frontend.connect(live.path)
     try:
-        fe.negotiate()
-        fe.set_mem_table(ram)
-        rxq, txq = DriverQueue(ram, 64), DriverQueue(ram, 64)
-        fe.setup_ring(0, rxq)
-        fe.setup_ring(1, txq)
+        ((rxq, txq),) = bring_up(fe, ram, size=64)
         rxq.post_rx_buffers(4)
         fe.kick(0)
         sent_a, sent_g = a.counters.tx_packets, port.counters.tx_packets

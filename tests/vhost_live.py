@@ -217,6 +217,17 @@ class Session:
         else:  # the port refused the request and keeps serving this front end
             assert self.fe.request(R.GET_QUEUE_NUM).payload == p.U64.pack(8)
 
+    def refuse(self, req: int, payload: bytes, fds: list[int] | None = None) -> None:
+        """Send a request with ``fds`` (closed here afterwards); it must get a failure
+        status (REPLY_ACK negotiated), be counted and logged, and the connection stay."""
+        try:
+            reply = self.fe.request(req, payload, fds or None, check=False)
+        finally:
+            for fd in fds or ():
+                os.close(fd)
+        assert status(reply) != 0, f"request {req} was not refused"
+        self.assert_refused(closed=False)
+
     def close(self) -> None:
         self.fe.close()
         assert self.live.disconnected()
@@ -235,6 +246,14 @@ def session(live: LiveSwitch, caplog: pytest.LogCaptureFixture) -> Iterator[Sess
         finally:
             s.close()
     assert live.forwards()
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRAM]:
+    """4 MiB of guest memory in one region (a module's own ``ram`` fixture wins)."""
+    r = GuestRAM([(0, 4 << 20)])
+    yield r
+    r.close()
 
 
 @pytest.fixture(scope="module")
