@@ -86,3 +86,4 @@ def test_kernel_tests_pass_under_asan_and_ubsan(tmp_path):
     assert r.returncode == 0 and not found, (
         f"exit {r.returncode}; sanitizer reports: {found[:10]}\n{out[-6000:]}")
     assert " passed" in r.stdout, r.stdout[-2000:]
+    print(f"under ASan/UBSan: {r.stdout.strip().splitlines()[-1]}")  # shown with -s / -rP
