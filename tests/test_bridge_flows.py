@@ -55,7 +55,7 @@ def test_set_flows_keeps_counters_of_rules_that_stay():
     br.set_flows(rules, now=0)
     br.process(1, [frame(BCAST, mac(1))] * 4, now=1)
     br.set_flows(rules + ["priority=6,in_port=p3 actions=drop"], now=2)
-    kept = [e for e in br.flows.entries() if e.flow.priority == 5][0]
+    kept = next(e for e in br.flows.entries() if e.flow.priority == 5)
     assert kept.n_packets == 4
 
 
