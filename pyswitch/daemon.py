@@ -244,6 +244,7 @@ class Daemon:
 
     def _fdb_show(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         br = self.switch.bridges[self._bridge(params)]
+        br.sync()  # MAC ages of frames the compiled path forwarded from its cache
         names = {p.no: p.name for p in br.ports.values()}
         return [{"port": no, "port_name": names.get(no, "?"), "vlan": vlan, "mac": mac_str(mac),
                  "age": int(age)} for no, vlan, mac, age in br.fdb.entries(self.switch.loop.now())]
@@ -265,6 +266,7 @@ class Daemon:
     def _dump_flows(self, params: dict[str, Any]) -> list[Any]:
         br = self.switch.bridges[self._bridge(params)]
         now = self.switch.loop.now()
+        br.sync(now)  # rule counters of frames the compiled path forwarded from its cache
         try:
             filt = parse_filter(params.get("filter") or "", br.names)
         except FlowSyntaxError as exc:
