@@ -21,6 +21,10 @@ What C changes, and how this file keeps it safe:
   barrier, so the compiler cannot re-read guest memory in place of the copy.
 * **No wrapping bounds.**  Every (addr, len) is checked against one region as
   ``off <= size - len`` in 64-bit unsigned arithmetic; ``addr + len`` is never computed.
+* **The GIL stays held.**  Each frame becomes or comes from a Python object, so the kernel
+  needs the interpreter per frame; the inner loops (walks, bounds checks, copies) are
+  ``nogil`` C functions all the same.
+* **Header lengths** are 0..12 bytes (ValueError otherwise): the device uses 10 or 12.
 * **Memory that cannot go away.**  Base pointers come from buffers exported by the region
   views (a typed memoryview over a slice of ``MappedRegion.view``): while this object
   lives, ``mmap.close`` fails with BufferError, which GuestMemory already turns into a
@@ -203,6 +207,10 @@ cdef class Virtqueue:
             # the guest's addresses are aligned but the front end's mapping offsets are
             # not: single 16-bit stores would be impossible (torn indexes)
             raise ValueError("ring misaligned in the back end's mapping (odd mmap_offset)")
+        free(self._heads)  # (a second __init__ must not leak the first one's arrays)
+        free(self._used_buf)
+        free(self._chains)
+        free(self._segs)
         self._heads = <uint16_t *>malloc(size * sizeof(uint16_t))
         self._used_buf = <uint32_t *>malloc(2 * size * sizeof(uint32_t))
         self._chains = <chain_t *>malloc(size * sizeof(chain_t))
