@@ -16,7 +16,9 @@ table and VLAN settings as :mod:`pyswitch.bridge`) makes them.  One batch:
 **What a cached entry may assume.**  The kernel's key holds every field of
 ``flows.extract`` plus whether the frame carries an 802.1Q C-tag, so the flow tables'
 decision and NORMAL's VLAN, learning and lookup inputs are the same for every frame of
-a key; rewrites and tag edits are still computed per frame.  The rest of a decision's
+a key; rewrites and tag edits are still computed per frame.  While the default
+``priority=0 actions=NORMAL`` is the only rule, keys hold only what NORMAL reads
+(in_port, MACs, the tag), so many L3/L4 flows between a few hosts share entries.  The rest of a decision's
 inputs are state: the rules (``flows.generation``), the MAC table (``fdb.generation``:
 a MAC added, moved, aged, evicted or flushed), the ports and their VLANs and the aging
 time (``Bridge.config_epoch``).  Any change empties the cache before the next frame;
@@ -99,11 +101,11 @@ class FastPath:
         if stamp == self.stamp:
             return
         self.sync()
-        self.cache.clear()
+        self.default = br._default_only()
+        self.cache.clear(l2_only=self.default is not None)  # NORMAL alone reads only L2
         self.stamp = stamp
         self.nos = list(br.ports)
         self.index = {no: i for i, no in enumerate(self.nos)}
-        self.default = br._default_only()
 
     def process(self, inp: BridgePort, frames: Sequence[Frame], now: float) -> dict[int, list[Frame]]:
         self._revalidate()

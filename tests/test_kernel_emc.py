@@ -237,3 +237,22 @@ def test_rewrites_match_the_python_path_byte_for_byte(match: str, action: str) -
         got = fast.process(1, [f, f, f], now=1)
         assert {k: [bytes(x) for x in v] for k, v in got.items()} == {
             k: [bytes(x) for x in v] for k, v in want.items()}, f.hex()
+
+
+def test_default_normal_keys_hold_only_l2_and_rules_need_the_full_key() -> None:
+    """With only the default rule, 200 UDP flows between two hosts share one entry;
+    with a rule on UDP ports each flow has its own (the rule reads them)."""
+    import struct
+
+    def udp(sport: int) -> bytes:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes(4), bytes(4))
+        return frame(mac(2), mac(1), payload=ip + struct.pack("!HHHH", sport, 53, 8, 0) + bytes(18))
+
+    flows = [udp(1000 + i) for i in range(200)]
+    br = bridge()
+    learned(br, 1, 2)
+    assert br.process(1, flows, now=1) == {2: flows}
+    assert len(br._fast.cache) == 1
+    br.set_flows(["priority=0 actions=NORMAL", "priority=5,udp,tp_src=1 actions=drop"], now=1)
+    assert br.process(1, flows, now=1) == {2: flows}
+    assert len(br._fast.cache) == 200 and br.stats.flow_cache_misses == 200

@@ -6,7 +6,9 @@ makes them.  This kernel is pyswitch's datapath for one bridge.  Per batch (one 
 
 1. parse each frame into a flow key -- the fields ``pyswitch/flows/key.py`` extracts,
    the same way (``flow_key`` returns them for the tests), plus one bit the NORMAL
-   pipeline reads beside them: whether the frame carries an 802.1Q C-tag;
+   pipeline reads beside them: whether the frame carries an 802.1Q C-tag (or, in
+   ``l2_only`` mode, for a bridge with only the default NORMAL rule, just in_port,
+   MACs and tag);
 2. hash it and look it up in a 4-way set-associative table of ``capacity`` entries
    (C arrays; a new entry takes a free way or the way used least recently);
 3. on a hit, run the entry's *program*: header rewrites (RFC 1624 incremental
@@ -264,7 +266,13 @@ cdef void parse(const uint8_t* f, Py_ssize_t n, Parsed* k) noexcept nogil:
         parse_arp(f, off, n, k)
 
 
-cdef void key_words(const Parsed* k, uint32_t in_port, uint64_t* w) noexcept nogil:
+cdef void key_words(const Parsed* k, uint32_t in_port, int l2, uint64_t* w) noexcept nogil:
+    """The key as words; with ``l2`` only what NORMAL reads (in_port, MACs, the tag)."""
+    if l2:
+        w[0] = in_port | (<uint64_t>k.ctag << 48) | (<uint64_t>(k.present & P_VLAN) << 32)
+        w[1], w[2] = k.dl_src, k.dl_dst | (<uint64_t>k.vid << 48)
+        w[3] = w[4] = w[5] = w[6] = w[7] = w[8] = 0
+        return
     w[0] = in_port | (<uint64_t>k.present << 32) | (<uint64_t>k.ctag << 48)
     w[1] = k.dl_src | (<uint64_t>k.dl_type << 48)
     w[2] = k.dl_dst | (<uint64_t>k.vid << 48) | (<uint64_t>k.pcp << 60)
@@ -329,6 +337,7 @@ cdef class Cache:
     cdef uint8_t* wbuf
     cdef Py_ssize_t wcap, wlen
     cdef uint64_t c_hits, c_floods, c_forwarded, c_flow, c_vlan, c_malformed
+    cdef int l2
 
     def __cinit__(self, uint32_t capacity=65536):
         if capacity < WAYS or capacity & (capacity - 1):
@@ -355,9 +364,13 @@ cdef class Cache:
     def capacity(self):
         return self.capacity
 
-    def clear(self):
-        """Forget every entry (O(1): a new epoch).  Harvest first: counters go too."""
+    def clear(self, bint l2_only=False):
+        """Forget every entry (O(1): a new epoch).  Harvest first: counters go too.
+        ``l2_only``: from now on keys hold only what NORMAL reads (in_port, MACs,
+        802.1Q tag) -- for a bridge whose only rule is the default NORMAL, whose
+        decisions do not depend on the other fields."""
         cdef uint32_t i
+        self.l2 = l2_only
         for i in range(self.ntouched):
             self.entries[self.touched[i]].touched = 0
         self.ntouched = 0
@@ -445,7 +458,7 @@ cdef class Cache:
                 if view.len < 14:
                     return i
                 parse(<const uint8_t*>view.buf, view.len, &k)
-                key_words(&k, in_port, w)
+                key_words(&k, in_port, self.l2, w)
                 e = self.find(w, hash_words(w))
                 if e == NULL or (e.has_deadline and not (now - e.seen < self.aging)):
                     return i
@@ -486,7 +499,7 @@ cdef class Cache:
         try:
             if cache and view.len >= 14:
                 parse(<const uint8_t*>view.buf, view.len, &k)
-                key_words(&k, in_port, w)
+                key_words(&k, in_port, self.l2, w)
                 slot = self.victim(w, hash_words(w))
             e = &self.entries[slot]
             free(e.ops)
