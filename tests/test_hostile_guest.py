@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pyswitch.ports.vhostuser import protocol as p
 from pyswitch.ports.vhostuser.device import OFFERED_FEATURES, VIRTIO_NET_F_MRG_RXBUF
 
 from tests.netns_util import wait_until
@@ -341,3 +342,40 @@ def test_avail_index_jumping_more_than_the_ring_size(guest: Guest, ring: int) ->
     g.assert_only_own_buffers_changed(snap)
     to_guest(live, 3)  # the other ring and the other ports carry on
     assert live.forwards()
+
+
+# -- ring addresses: checked when the ring is built, by either path's ring ------------------
+
+@pytest.mark.parametrize("part", ["desc", "avail", "used"])
+@pytest.mark.parametrize("where", ["straddles_region_end", "outside_memory"])
+def test_ring_addresses_outside_guest_memory(datapath: str, tmp_path: Path, part: str,
+                                             where: str) -> None:
+    """A ring whose descriptor table, avail or used ring is not inside one region never
+    starts, on either path's ring: refused, logged, counted; the port stays connected."""
+    live = LiveSwitch(tmp_path)
+    ram = GuestRAM([R0])
+    fe = None
+    try:
+        fe = Frontend.connect(live.path)
+        fe.negotiate()
+        fe.set_mem_table(ram)
+        q = DriverQueue(ram, N)
+        a = q.addr(1)
+        fields = {"desc": a.desc, "avail": a.avail, "used": a.used}
+        end = ram.regions[0].uva + R0[1]
+        fields[part] = end - 4 if where == "straddles_region_end" else 0xDEAD_0000_0000
+        errors = live.stat("protocol_errors")
+        fe.request(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(1, N))
+        fe.request(p.Request.SET_VRING_ADDR, p.VRING_ADDR.pack(
+            1, 0, fields["desc"], fields["used"], fields["avail"], 0))
+        fe.request(p.Request.SET_VRING_KICK, p.U64.pack(1 | p.VRING_NOFD_MASK))  # starts at once
+        assert wait_until(lambda: live.stat("protocol_errors") == errors + 1)
+        assert not live.port.device.rings[1].started  # type: ignore[attr-defined]
+        assert live.port.conn is not None  # type: ignore[attr-defined]
+        assert live.forwards()
+        live.assert_healthy()
+    finally:
+        if fe is not None:
+            fe.close()
+        ram.close()
+        live.close()
