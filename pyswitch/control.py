@@ -17,9 +17,12 @@ error reply, never a crash.
 
 Replies never block the event loop (which also forwards frames): a reply is sent
 without waiting; what the client's socket cannot take at once stays in the client's
-output buffer and is sent when the socket becomes writable again.  A client whose
-unsent replies pass ``MAX_OUTPUT`` bytes (it sends requests and never reads) is
-disconnected, logged and counted (``ControlServer.dropped_slow``).
+output buffer and is sent when the socket becomes writable again.  A client that asks
+for more while earlier replies have left over ``MAX_OUTPUT`` bytes unsent (it sends
+requests and never reads) is disconnected, logged and counted
+(``ControlServer.dropped_slow``); a single reply of any size is always sent whole.
+Requests are served a few per client per loop iteration, so a client that pipelines
+thousands of them shares the loop with the ports instead of holding it.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .loop import EventLoop
+from .loop import EventLoop, TimerHandle
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 MAX_OUTPUT = 4 << 20  # unsent reply bytes a client may have before it is disconnected
-_RECV = 16384  # bytes read per readiness event: a flood of requests cannot hog the loop
+_RECV = 16384  # bytes read per readiness event
+REQUESTS_PER_TURN = 8  # requests served per client per loop iteration: ports get their turn between
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -68,13 +72,14 @@ def control_path(rundir: Path | None = None) -> Path:
 
 
 class _Conn:
-    __slots__ = ("buf", "closing", "out", "sock")
+    __slots__ = ("buf", "closing", "out", "sock", "turn")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()  # request bytes received, not yet a whole line
+        self.buf = bytearray()  # request bytes received and not yet served
         self.out = bytearray()  # reply bytes not yet taken by the client's socket
         self.closing = False  # drop once ``out`` is sent (after a fatal error reply)
+        self.turn: TimerHandle | None = None  # more whole requests wait for the next turn
 
 
 class ControlServer:
@@ -165,6 +170,8 @@ class ControlServer:
         if c.closing:  # its last reply is still being sent; ignore what else it says
             self._discard_input(c)
             return
+        if c.turn is not None:  # requests it sent are still waiting: read more later
+            return
         try:
             data = c.sock.recv(_RECV)
         except BlockingIOError:
@@ -174,10 +181,18 @@ class ControlServer:
         if not data:  # closed, possibly in the middle of a line: that line is dropped
             self._drop(c)
             return
-        start = len(c.buf)
         c.buf += data
-        end = c.buf.find(b"\n", start)
-        while end >= 0:
+        self._serve(c)
+
+    def _serve(self, c: _Conn) -> None:
+        """Answer up to ``REQUESTS_PER_TURN`` whole requests; the rest in the next loop
+        iteration, after the ports' turn (a client pipelining thousands of requests
+        must not hold up forwarding)."""
+        c.turn = None
+        for _ in range(REQUESTS_PER_TURN):
+            end = c.buf.find(b"\n")
+            if end < 0:
+                break
             if end > MAX_REQUEST:
                 self._too_large(c)
                 return
@@ -186,7 +201,10 @@ class ControlServer:
             self._queue(c, self._handle(line))
             if c.sock.fileno() < 0:  # dropped for not reading its replies
                 return
-            end = c.buf.find(b"\n")
+        else:
+            if b"\n" in c.buf:
+                c.turn = self.loop.call_later(0, lambda: self._serve(c))
+                return
         if len(c.buf) > MAX_REQUEST:
             self._too_large(c)
 
@@ -227,18 +245,20 @@ class ControlServer:
             return {"id": rid, "error": {"message": f"internal error: {exc}", "status": 1}}
 
     def _queue(self, c: _Conn, reply: dict[str, Any]) -> None:
-        """Send ``reply`` as far as the socket takes it now; keep the rest for later."""
-        c.out += _encode(reply)
-        self._flush(c)
-        if c.sock.fileno() < 0 or not c.out:
-            return
+        """Send ``reply`` as far as the socket takes it now; keep the rest for later.
+
+        The limit applies to what earlier replies left unsent: one reply of any size
+        (an fdb-show of 100 000 MACs is ~8 MB) reaches a client that reads it."""
         if len(c.out) > MAX_OUTPUT:
             self.dropped_slow += 1
             log.warning("control: disconnecting a client that does not read its replies "
                         "(%d bytes unsent, limit %d)", len(c.out), MAX_OUTPUT)
             self._drop(c)
             return
-        self.loop.watch_writable(c.sock.fileno(), lambda: self._flush(c))
+        c.out += _encode(reply)
+        self._flush(c)
+        if c.sock.fileno() >= 0 and c.out:
+            self.loop.watch_writable(c.sock.fileno(), lambda: self._flush(c))
 
     def _flush(self, c: _Conn) -> None:
         """Write what the socket takes without blocking; stop the writable watch when
@@ -269,6 +289,9 @@ class ControlServer:
         fd = c.sock.fileno()
         if fd < 0:
             return
+        if c.turn is not None:
+            c.turn.cancel()
+            c.turn = None
         self.loop.unwatch(fd)
         self._conns.pop(fd, None)
         c.sock.close()

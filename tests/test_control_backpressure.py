@@ -86,10 +86,35 @@ def test_a_slow_reader_gets_every_reply_whole_and_in_order(tmp_path):
         loop.close()
 
 
+def test_one_reply_larger_than_the_limit_reaches_a_client_that_reads_it(tmp_path):
+    """The limit is on replies left unread, not on one reply (fdb-show of a big table)."""
+    loop = EventLoop()
+    huge = "y" * (MAX_OUTPUT + (2 << 20))
+    srv = ControlServer(tmp_path / "ctl", loop, lambda method, params: huge)
+    srv.open()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        c.connect(str(tmp_path / "ctl"))
+        c.sendall(_request("fdb-show"))
+        c.setblocking(False)
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            loop.run_once(max_wait=0.01)
+            try:
+                buf += c.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        assert json.loads(buf)["result"] == huge and srv.dropped_slow == 0
+    finally:
+        c.close()
+        srv.close()
+        loop.close()
+
+
 def test_a_stuck_client_does_not_stall_forwarding(daemon, prefix):
     d = daemon.start()
     ns1, _ = two_veth_hosts(d, prefix, "10.97.0")
-    pinger = Pinger(ns1, "10.97.0.2", count=600, interval=0.01)  # 6 s of traffic
+    pinger = Pinger(ns1, "10.97.0.2", count=100_000, interval=0.01)  # stopped below
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         time.sleep(0.5)
@@ -97,7 +122,7 @@ def test_a_stuck_client_does_not_stall_forwarding(daemon, prefix):
         stuck.setblocking(False)
         request = _request("show") * 50
         dropped_at = None
-        deadline = time.monotonic() + 4
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 stuck.send(request)
@@ -106,12 +131,13 @@ def test_a_stuck_client_does_not_stall_forwarding(daemon, prefix):
             except (BrokenPipeError, ConnectionResetError):
                 dropped_at = time.monotonic()
                 break
-        lost, worst_ms = pinger.result()
+        time.sleep(0.5)
     finally:
-        pinger.kill()
+        pinger.proc.send_signal(2)  # SIGINT: ping prints its summary
+        lost, worst_ms = pinger.result(timeout=30)
         stuck.close()
     assert dropped_at is not None, "the daemon kept a client that never reads"
-    assert lost == 0 and worst_ms < 500, pinger.out
+    assert lost <= 1 and worst_ms < 500, pinger.out  # <= 1: the echo in flight at SIGINT
     assert wait_until(lambda: "does not read its replies" in d.log.read_text(), 5)
     # the daemon still answers others
     assert raw_exchange(d.rundir / "pyswitch.ctl", _request("list-br"))[0]["result"] == ["br0"]
