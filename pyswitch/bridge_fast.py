@@ -148,10 +148,9 @@ class FastPath:
         slot, nxt = self.cache.install(cacheable, plan.prog, plan.counts(), seen is not None,
                                        seen or 0.0, float(br.fdb.aging_time), frames, i,
                                        inp.no, now, lists, order)
-        if slot == self.scratch:
-            for e in rules:
-                e.credit(1, len(frame), now)
-        else:
+        for e in rules:  # this frame; the kernel counts the hits that follow
+            e.credit(1, len(frame), now)
+        if slot != self.scratch:
             self.meta[slot] = (rules, plan.learns, inp.no)
         return nxt
 

@@ -463,7 +463,7 @@ cdef class Cache:
                 if e == NULL or (e.has_deadline and not (now - e.seen < self.aging)):
                     return i
                 self.c_hits += 1
-                self.execute(e, frame, <const uint8_t*>view.buf, view.len, now, lists, order)
+                self.execute(e, frame, <const uint8_t*>view.buf, view.len, now, lists, order, 1)
             finally:
                 PyBuffer_Release(&view)
         return n
@@ -475,8 +475,10 @@ cdef class Cache:
         ``cache``, else in the scratch entry (run once).  ``prog`` is a list of ops
         ``(code, form, port index, arg, mac)``; ``counts`` (floods, forwarded, drop
         flow, drop vlan, drop malformed) per frame; with ``has_deadline`` the entry
-        holds while ``now - seen < aging``.  Runs it on ``frames[i]`` (not a hit),
-        then goes on as :meth:`run` from ``i + 1``.  Returns ``(slot, next miss)``."""
+        holds while ``now - seen < aging``.  Runs it on ``frames[i]`` (not a hit, and
+        not in the entry's counters: the slow path has done that frame's learning and
+        credits it), then goes on as :meth:`run` from ``i + 1``.  Returns ``(slot,
+        next miss)``."""
         cdef Py_buffer view
         cdef Parsed k
         cdef uint64_t w[KEY_WORDS]
@@ -510,7 +512,7 @@ cdef class Cache:
             e.has_deadline, e.seen = has_deadline, seen
             e.floods, e.forwarded, e.drop_flow, e.drop_vlan, e.drop_malformed = counts
             e.packets = e.nbytes = 0
-            self.execute(e, frame, <const uint8_t*>view.buf, view.len, now, lists, order)
+            self.execute(e, frame, <const uint8_t*>view.buf, view.len, now, lists, order, 0)
         finally:
             PyBuffer_Release(&view)
         return slot, self.run(frames, i + 1, in_port, now, lists, order)
@@ -626,7 +628,8 @@ cdef class Cache:
         return out
 
     cdef int execute(self, Entry* e, object frame, const uint8_t* p, Py_ssize_t n,
-                     double now, list lists, list order) except -1:
+                     double now, list lists, list order, int record) except -1:
+        """Run ``e``'s program on one frame; ``record``: count it in the entry."""
         cdef uint32_t j, slot = <uint32_t>(e - self.entries)
         cdef const Op* op
         cdef object cur = frame, f, untagged = None, tagged = None, lst
@@ -634,14 +637,15 @@ cdef class Cache:
         cdef Py_ssize_t cn = n
         cdef int edited = 0
         self.seq += 1
-        e.packets += 1
-        e.nbytes += n
-        e.last_now = now
         e.last_seq = self.seq
-        if not e.touched and slot != self.capacity:
+        if record and not e.touched and slot != self.capacity:
             e.touched = 1
             self.touched[self.ntouched] = slot
             self.ntouched += 1
+        if record:
+            e.packets += 1
+            e.nbytes += n
+            e.last_now = now
         self.c_floods += e.floods
         self.c_forwarded += e.forwarded
         self.c_flow += e.drop_flow
