@@ -341,7 +341,6 @@ class Bridge:
         self.fdb.expire(now)
         return self.flows.expire(now)
 
-
     def sync(self, now: float | None = None) -> None:
         """Bring rule counters and MAC ages up to date with the frames the compiled
         path forwarded from its cache (nothing to do on the Python path).  Call before
