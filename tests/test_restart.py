@@ -159,6 +159,7 @@ def test_kill_9_under_testpmd_client_mode_traffic(daemon, prefix, tmp_path):
             d.stop(signal.SIGKILL)
             t0 = time.monotonic()
             d.start()
+            assert d.db.read_bytes() == db
             took = _first_forwarded(ctl, f"{prefix}v", t0)
             print(f"testpmd client mode: first frame forwarded {took:.2f}s after the restart command")
             assert took < RESUME_LIMIT, f"traffic resumed {took:.2f}s after the restart"
