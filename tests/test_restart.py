@@ -194,3 +194,5 @@ def test_kill_9_under_running_vms_client_mode(daemon, tmp_path):
         assert took < RESUME_LIMIT, f"traffic resumed {took:.2f}s after the restart"
         g0.wait_for("PYSWITCH-REPLY", timeout=10, after=t0)  # and the pings are answered again
         assert d.db.read_bytes() == db
+        ports = call("show", {}, path=ctl)["bridges"][0]["ports"]
+        assert {p["name"]: p["link_state"] for p in ports} == {"vhu1": "up", "vhu2": "up"}
