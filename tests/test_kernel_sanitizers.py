@@ -79,11 +79,14 @@ def test_kernel_tests_pass_under_asan_and_ubsan(tmp_path):
                PYSWITCH_FUZZ_EXAMPLES=os.environ.get("PYSWITCH_SANITIZE_FUZZ_EXAMPLES", "100"))
     # --capture=sys: a sanitizer writes its report to fd 2, which fd capture would swallow
     r = subprocess.run([sys.executable, "-m", "pytest", *tests, "-p", "no:cacheprovider", "-q",
-                        "--capture=sys"],
+                        "-rfE", "--capture=sys"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
     out = r.stdout + r.stderr
+    (tmp_path / "child-output.txt").write_text(out)  # kept by pytest's tmp_path retention
     found = [line for line in out.splitlines() if any(rep in line for rep in REPORTS)]
+    failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
     assert r.returncode == 0 and not found, (
-        f"exit {r.returncode}; sanitizer reports: {found[:10]}\n{out[-6000:]}")
+        f"exit {r.returncode}; sanitizer reports: {found[:10]}; failed: {failed[:30]}\n"
+        f"{out[-6000:]}")
     assert " passed" in r.stdout, r.stdout[-2000:]
     print(f"under ASan/UBSan: {r.stdout.strip().splitlines()[-1]}")  # shown with -s / -rP
