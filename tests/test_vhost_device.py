@@ -322,3 +322,36 @@ def test_notification_fd_that_is_not_an_eventfd_is_refused(dev, req, kind, tmp_p
     assert len(os.listdir("/proc/self/fd")) == before - 1
     ring = dev.rings[1]
     assert ring.kick_fd is None and ring.call_fd is None and ring.err_fd is None
+
+
+@pytest.mark.parametrize("kick_fd", [True, False])
+def test_a_ring_whose_base_is_stale_resumes_at_its_used_index(dev, ram, kick_fd, datapath):
+    """DPDK virtio-user reconnecting to a restarted back end sends SET_VRING_BASE 0 while
+    its ring is thousands of entries on (and may never kick: NO_NOTIFY was left set).
+    The ring starts at used.idx, where the old back end stopped, and what waits after it
+    is taken at once."""
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    q = DriverQueue(ram, 16)
+    q.avail_idx = 40_000  # the ring as the crashed back end left it: all returned ...
+    q.ram.write_u16(q.used + 2, 40_000)
+    q.send_frame(b"z" * 60)  # ... and one frame the guest queued since
+    a = q.addr(1)
+    dev.handle(msg(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 16)))
+    dev.handle(msg(R.SET_VRING_BASE, p.VRING_STATE.pack(1, 0)))
+    dev.handle(msg(R.SET_VRING_ADDR, p.VRING_ADDR.pack(1, 0, a.desc, a.used, a.avail, 0)))
+    if kick_fd:
+        dev.handle(u64(R.SET_VRING_KICK, 1, fds=[os.eventfd(0)]))
+    else:
+        dev.handle(u64(R.SET_VRING_KICK, 1 | p.VRING_NOFD_MASK))
+    ring = dev.rings[1]
+    assert ring.started and not ring.queue.broken
+    assert ring.queue.last_avail_idx == 40_000 and ring.queue.pending() == 1
+
+
+def test_vring_enable_before_any_negotiation_is_taken(dev):
+    """DPDK virtio-user sends SET_VRING_ENABLE first when it reconnects (and drops the
+    connection if it is refused); once SET_FEATURES has left out bit 30 it is refused."""
+    dev.handle(msg(R.SET_OWNER))
+    assert dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))) is None
+    assert dev.rings[1].enabled

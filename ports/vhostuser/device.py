@@ -419,8 +419,12 @@ class Device:
         state = p.parse_vring_state(msg)
         # QEMU sends SET_VRING_ENABLE as soon as protocol features were exchanged (it
         # only does that after seeing bit 30 offered), possibly before SET_FEATURES acks
-        # bit 30: accept either sign of negotiation, as DPDK's vhost library does.
-        if not (self.features & VHOST_USER_F_PROTOCOL_FEATURES or self.protocol_negotiated):
+        # bit 30; DPDK virtio-user, reconnecting to a restarted back end, sends it before
+        # any negotiation (and drops the connection if it is refused).  So it is refused
+        # only once SET_FEATURES has left bit 30 out (every ring is enabled then), as
+        # DPDK's vhost library never refuses it.
+        if self.features_set and not (self.features & VHOST_USER_F_PROTOCOL_FEATURES
+                                      or self.protocol_negotiated):
             raise DeviceError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         if state.num > 1:
             raise DeviceError(f"SET_VRING_ENABLE: value {state.num}")
@@ -458,10 +462,13 @@ class Device:
         if ring.started:
             return True
         try:
-            ring.queue = self._build_queue(ring)
+            ring.queue = q = self._build_queue(ring)
         except DeviceError as exc:
             self._on_refused(f"vring {ring.index} cannot start: {exc}")
             return False
+        if _resume_at_used(q):
+            log.warning("vring %d: base %d but used index %d: resuming at the used index",
+                        ring.index, ring.base, q.used_idx)
         ring.started = True
         return True
 
@@ -477,9 +484,11 @@ class Device:
 
     def _has_pending(self, ring: Vring) -> bool:
         try:
-            return self._build_queue(ring).pending() > 0
+            q = self._build_queue(ring)
         except DeviceError:
             return False
+        _resume_at_used(q)
+        return q.pending() > 0
 
     # -- teardown ---------------------------------------------------------------------
     def reset(self) -> None:
@@ -495,3 +504,19 @@ class Device:
         self.features, self.features_set, self.protocol_features = 0, False, 0
         self.protocol_negotiated = False
         self.owner = False
+
+
+def _resume_at_used(q: Virtqueue) -> bool:
+    """Start a new ring at its used index when SET_VRING_BASE said otherwise; True if so.
+
+    A front end that lost track of the ring sends a base that is not where the ring is:
+    DPDK virtio-user, reconnecting to a back end that was killed, sends 0 with its ring
+    thousands of entries ahead (and, if the back end set NO_NOTIFY before it died, never
+    kicks).  Every entry up to used.idx was consumed by the back end before, so it goes on
+    from there, as DPDK's vhost library and QEMU (virtio_queue_restore_last_avail_idx) do.
+    """
+    if q.used_idx == q.last_avail_idx:
+        return False
+    q.last_avail_idx = q.used_idx
+    return True
+
