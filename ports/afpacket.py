@@ -78,10 +78,14 @@ def frame_slot_size(mtu: int) -> int:
 log = logging.getLogger(__name__)
 
 
-#: The ring the compiled path reads.  3: TPACKET_V3 blocks (fewer wake-ups under load, but
-#: a lone frame waits for the kernel's block timer: up to a jiffy, 4 ms at HZ=250);
-#: 2: TPACKET_V2 slots read in C (each frame seen at once).  See _pktio.pyx's docstring.
-COMPILED_TPACKET = 3
+#: The ring the compiled path reads by default (a veth port's ``rx-ring`` option picks):
+#: 2: TPACKET_V2 slots read in C (each frame seen at once: a lone frame crosses in tens
+#: of microseconds); 3: TPACKET_V3 blocks (the least CPU per frame under load, but a lone
+#: frame waits for the kernel's block timer: up to a jiffy, 4 ms at HZ=250, which a
+#: switch cannot ask of interactive traffic).  See _pktio.pyx's docstring.
+COMPILED_TPACKET = 2
+#: ``rx-ring`` option values of a veth port -> TPACKET version
+RX_RINGS = {"tpacket-v2": 2, "tpacket-v3": 3}
 
 
 def open_ring(

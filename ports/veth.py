@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from pyswitch.ports import ethtool
 from pyswitch.ports import netlink as nl
-from pyswitch.ports.afpacket import PacketRing, open_ring
+from pyswitch.ports.afpacket import RX_RINGS, PacketRing, open_ring
 
 from pyswitch import fastpath
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO
@@ -59,14 +59,19 @@ class VethConfig:
     addresses: list[IPv4Interface | IPv6Interface] = field(default_factory=list)
     gateway: IPv4Address | IPv6Address | None = None
     mtu: int | None = None
+    tpacket: int | None = None  # the compiled path's ring (rx-ring); None: COMPILED_TPACKET
 
 
 def parse_options(name: str, options: Mapping[str, str]) -> VethConfig:
     """Check every option of port ``name``; ``PortError`` naming the first bad one."""
     nl.check_ifname(name, f"port {name!r}")
     cfg = VethConfig(existing=nl.parse_bool(options.get("existing", "false"), "existing"))
+    if "rx-ring" in options:
+        cfg.tpacket = RX_RINGS.get(options["rx-ring"])
+        if cfg.tpacket is None:
+            raise PortError(f"rx-ring: {options['rx-ring']!r} is not one of {', '.join(RX_RINGS)}")
     if cfg.existing:
-        extra = sorted(set(options) - {"existing"})
+        extra = sorted(set(options) - {"existing", "rx-ring"})
         if extra:
             raise PortError(f"{extra[0]}: has no effect with existing=true (nothing is created)")
         return cfg
@@ -124,6 +129,8 @@ class VethPort(Port):
         "peer-gateway": "default route via this address inside netns",
         "mtu": "MTU of both ends (default 1500)",
         "existing": "true: attach to an existing interface named like the port",
+        "rx-ring": "compiled path's receive ring: tpacket-v2 (default, lowest latency) or "
+                   "tpacket-v3 (least CPU under load, up to a timer tick of latency)",
     }
 
     def __init__(
@@ -158,7 +165,8 @@ class VethPort(Port):
             else:
                 self._create()
             pktio = self._pktio or fastpath.kernel("_pktio")
-            self._ring = open_ring(self.name, self._mtu, self.counters, pktio)
+            self._ring = open_ring(self.name, self._mtu, self.counters, pktio,
+                                   tpacket=self.config.tpacket)
         except BaseException:
             self._teardown()
             raise

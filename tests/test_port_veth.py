@@ -8,6 +8,7 @@ import os
 import random
 import re
 import socket
+import secrets
 import time
 from collections.abc import Callable, Iterator
 
@@ -289,6 +290,7 @@ def test_broken_namespace_fails_cleanly(open_port: Callable, cleanup: Callable) 
         ({"existing": "true", "netns": "x"}, "netns"),
         ({"existing": "maybe"}, "existing"),
         ({"colour": "red"}, "colour"),
+        ({"rx-ring": "tpacket-v9"}, "rx-ring"),
     ],
 )
 def test_invalid_options_name_the_option(options: dict[str, str], message: str) -> None:
@@ -427,3 +429,13 @@ def test_only_leftovers_of_a_dead_pyswitch_are_reclaimed():
         finally:
             port.close()
             subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+def test_rx_ring_option_picks_the_compiled_ring(open_port: Callable, pktio: object) -> None:
+    """The compiled path reads TPACKET_V2 unless ``rx-ring=tpacket-v3`` asks for blocks;
+    the Python path reads TPACKET_V2 whatever the option says."""
+    name = "pst" + secrets.token_hex(3)
+    default = open_port(name)
+    v3 = open_port(name + "b", rx_ring="tpacket-v3")
+    assert default.status()["tpacket_version"] == 2
+    assert v3.status()["tpacket_version"] == (2 if pktio is None else 3)
