@@ -4,8 +4,8 @@
 whose peer end goes into a network namespace (created if absent) with an optional
 MAC, addresses, default route and MTU; the switch then reads and writes its own end
 through a :class:`~pyswitch.ports.afpacket.PacketRing` (or, on the compiled data path,
-the ``_pktio`` kernel's ``TPACKET_V3`` ring: :func:`~pyswitch.ports.afpacket.open_ring`
-picks, once, at ``open()``).  With ``existing=true`` it
+the ``_pktio`` kernel's TPACKET_V2 ring, or TPACKET_V3 with ``rx-ring=tpacket-v3``:
+:func:`~pyswitch.ports.afpacket.open_ring` picks, once, at ``open()``).  With ``existing=true`` it
 creates nothing and attaches to an interface named like the port.
 
 Offloads: a veth end does TSO/GSO and checksum offload by default, so the frames
