@@ -151,7 +151,7 @@ class FastPath:
         for e in rules:  # this frame; the kernel counts the hits that follow
             e.credit(1, len(frame), now)
         if slot != self.scratch:
-            self.meta[slot] = (rules, plan.learns, inp.no)
+            self.meta[slot] = (rules, tuple(plan.learns), inp.no)  # tuples: not tracked by the GC
         return nxt
 
     def _decision(self, frame: Frame, in_no: int) -> Decision:
