@@ -324,7 +324,7 @@ class Virtqueue:
                         res.bytes += n
                         continue
             mark = avail.pos
-            chains = self._collect(avail, need, mergeable, res, used)
+            chains = self._collect(avail, need, mergeable, res, used, hdr_len)
             if chains is None:
                 avail.pos = mark  # not consumed: the guest keeps these buffers
                 break
@@ -345,10 +345,12 @@ class Virtqueue:
         return res
 
     def _collect(self, avail: _Avail, need: int, mergeable: bool, res: RxResult,
-                 used: list) -> list | None:
+                 used: list, hdr_len: int = NET_HDR_LEN) -> list | None:
         """Chains with room for ``need`` bytes; ``None`` if the guest has too few buffers
         (or the batch's walk budget is spent: heads sharing one long chain);
-        ``[]`` if the frame is dropped (bad chain or too big) with the heads returned."""
+        ``[]`` if the frame is dropped (bad chain or too big) with the heads returned.
+        With MRG_RXBUF a chain smaller than the virtio-net header is a bad chain: every
+        buffer must hold a whole header (5.1.6.3.1), where num_buffers is read."""
         chains: list[tuple[int, list[memoryview]]] = []
         room = 0
         heads = avail.heads
@@ -366,8 +368,13 @@ class Virtqueue:
             avail.budget -= len(segs)
             if avail.budget < 0:
                 return None  # hostile layout: treat as out of buffers (not consumed)
+            chain_room = len(segs[0]) if len(segs) == 1 else sum(map(len, segs))
+            if mergeable and chain_room < hdr_len:
+                res.bad += 1
+                used.extend((h, 0) for h in [*(h for h, _ in chains), head])
+                return []
             chains.append((head, segs))
-            room += len(segs[0]) if len(segs) == 1 else sum(map(len, segs))
+            room += chain_room
             if not mergeable and room < need:
                 res.too_big += 1
                 used.append((head, 0))

@@ -591,7 +591,7 @@ cdef class Virtqueue:
                         nbytes += n
                         continue
                 mark = pos
-                found = self._collect(&pos, nheads, need, mergeable, &budget, &nused,
+                found = self._collect(&pos, nheads, need, mergeable, hdr_len, &budget, &nused,
                                       &nchains, &bad, &too_big)
                 if found == NO_BUFFERS:
                     pos = mark  # not consumed: the guest keeps these buffers
@@ -612,14 +612,14 @@ cdef class Virtqueue:
         notify = self._publish(nused)
         return RxResult(taken, sent, nbytes, bad, too_big, notify)
 
-    cdef int _collect(self, int *pos, int nheads, uint64_t need, bint mergeable,
+    cdef int _collect(self, int *pos, int nheads, uint64_t need, bint mergeable, int hdr_len,
                       int64_t *budget, int *nused, int *nchains, long long *bad,
                       long long *too_big) except -1:
         """The reference's ``_collect``: chains with room for ``need`` bytes go to
-        ``_chains[:nchains]`` (GOT_ROOM); DROPPED (bad chain or too big) with the heads
-        put on ``_used_buf`` with length 0; NO_BUFFERS if the guest has too few buffers
-        or the batch's walk budget is spent."""
-        cdef uint64_t room = 0
+        ``_chains[:nchains]`` (GOT_ROOM); DROPPED (bad chain, a chain smaller than the
+        header with MRG_RXBUF, or too big) with the heads put on ``_used_buf`` with length
+        0; NO_BUFFERS if the guest has too few buffers or the batch's walk budget is spent."""
+        cdef uint64_t room = 0, chain_room
         cdef Py_ssize_t segs_used = 0, count = 0, i
         cdef uint16_t head
         cdef int c
@@ -639,11 +639,19 @@ cdef class Virtqueue:
             budget[0] -= count
             if budget[0] < 0:
                 return NO_BUFFERS  # hostile layout: treat as out of buffers (not consumed)
+            chain_room = 0
+            for i in range(segs_used, segs_used + count):
+                chain_room += self._segs[i].len
+            if mergeable and chain_room < <uint64_t>hdr_len:  # 5.1.6.3.1: a whole header each
+                bad[0] += 1
+                for c in range(nchains[0]):
+                    self._put_used_buf(nused, self._chains[c].head, 0)
+                self._put_used_buf(nused, head, 0)
+                return DROPPED
             c = nchains[0]
             self._chains[c].head, self._chains[c].start, self._chains[c].count = head, segs_used, count
             nchains[0] = c + 1
-            for i in range(segs_used, segs_used + count):
-                room += self._segs[i].len
+            room += chain_room
             segs_used += count
             if not mergeable and room < need:
                 too_big[0] += 1
