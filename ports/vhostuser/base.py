@@ -51,7 +51,6 @@ class VhostUserPort(Port):
         self._reader = p.MessageReader()
         self.device = Device(before_close_kick=self._unwatch_kick, on_refused=self._refused)
         self._kick_watch: dict[int, int] = {}  # kick fd -> vring index
-        self._pending: list[tuple[Vring, list[int]]] = []  # TX heads awaiting release()
         self._tx: list[Vring] = []  # started TX rings
         self._rx: list[Vring] = []  # started and enabled RX rings
         self._tx_rr = 0
@@ -88,7 +87,6 @@ class VhostUserPort(Port):
             return
         assert self.io is not None
         log.info("%s: vhost-user front end disconnected: %s", self.name, reason)
-        self._return_pending()
         self.io.unwatch(self.conn.fileno())
         self.conn.close()
         self.conn = None
@@ -122,7 +120,6 @@ class VhostUserPort(Port):
             return
         for i, msg in enumerate(messages):
             log.debug("%s: %s", self.name, msg.name())
-            self._return_pending()  # a message may stop rings or replace memory
             try:
                 reply = self.device.handle(msg)
                 if reply is not None:
@@ -195,12 +192,11 @@ class VhostUserPort(Port):
         """Frames the guest transmitted (header stripped), at most ``max_frames``.
 
         Copies taken once from guest memory (a guest cannot change a frame after the
-        switch classified it); the descriptors go back to the guest at :meth:`release`.  Bad chains are
-        returned to the guest and counted as ``bad_descriptor``; a disabled
+        switch classified it), so the descriptors go back to the guest in the same call
+        (``pop_done``: one used.idx update and at most one call per ring and batch).  Bad
+        chains are returned to the guest and counted as ``bad_descriptor``; a disabled
         transmitq is drained and its frames discarded (vhost-user.rst, ring states).
         """
-        if self._pending:
-            self._return_pending()
         frames: list[Frame] = []
         tx = self._tx
         if not tx:
@@ -212,11 +208,10 @@ class VhostUserPort(Port):
             q = ring.queue
             if q is None:
                 continue
-            heads: list[int] = []
             before = len(frames)
-            bad = q.pop_frames(max_frames - before, frames, heads, hdr_len)
-            if heads:
-                self._pending.append((ring, heads))
+            bad, wanted = q.pop_done(max_frames - before, frames, hdr_len)
+            if bad or len(frames) > before:
+                self._notify(ring, wanted)
             if q.broken:
                 self._ring_broken(ring)
             if bad:
@@ -255,13 +250,10 @@ class VhostUserPort(Port):
         self._refresh()
 
     def release(self) -> None:
-        """Give the last batch's buffers back: used entries, one call per ring.
-
-        Then, if any transmitq still holds frames (the batch limit stopped us, or a
-        ring the round robin did not reach), ask to be serviced again: their kicks
-        were already consumed, and with EVENT_IDX the guest may not kick again.
-        """
-        self._return_pending()
+        """The batch's buffers went back at :meth:`receive`.  If any transmitq still
+        holds frames (the batch limit stopped us, or a ring the round robin did not
+        reach), ask to be serviced again: their kicks were already consumed, and with
+        EVENT_IDX the guest may not kick again."""
         if self.io is not None:
             for ring in self._tx:
                 q = ring.queue
@@ -283,15 +275,6 @@ class VhostUserPort(Port):
             if not polling and q.pending():
                 pending = True
         return pending
-
-    def _return_pending(self) -> None:
-        """Put pending TX heads on the used rings (one used.idx update and call each)."""
-        for ring, heads in self._pending:
-            q = ring.queue
-            if q is None:  # stopped meanwhile: nothing to return to
-                continue
-            self._notify(ring, q.put_used([(h, 0) for h in heads]))
-        self._pending.clear()
 
     def _notify(self, ring: Vring, wanted: bool) -> None:
         if wanted and ring.call():
@@ -376,7 +359,6 @@ class VhostUserPort(Port):
             return
         self._closed = True
         if self.conn is not None:
-            self._return_pending()
             if self.io is not None:
                 self.io.unwatch(self.conn.fileno())
             self.conn.close()

@@ -473,6 +473,19 @@ cdef class Virtqueue:
     def pop_frames(self, Py_ssize_t max_n, list frames, list heads, int hdr_len=NET_HDR_LEN):
         """Pop up to ``max_n`` chains of the transmitq (the reference's pop_frames): each
         frame is copied once, after its header, into a new ``bytes``; returns bad chains."""
+        return self._pop(max_n, frames, heads, hdr_len, NULL)
+
+    def pop_done(self, Py_ssize_t max_n, list frames, int hdr_len=NET_HDR_LEN):
+        """The reference's pop_done: pop_frames, then every head popped back on the used
+        ring with length 0, published once, in the same call; (bad chains, notify)."""
+        cdef int n = 0
+        bad = self._pop(max_n, frames, None, hdr_len, &n)
+        return bad, self._publish(n)
+
+    cdef int _pop(self, Py_ssize_t max_n, list frames, list heads, int hdr_len,
+                  int *nused) except -1:
+        """pop_frames; the heads go to ``heads``, or with ``heads`` None to ``_used_buf``
+        as (head, 0) pairs, counted in ``nused``."""
         if not 0 <= hdr_len <= 12:
             raise ValueError(f"virtio-net header of {hdr_len} bytes")
         self._sync_regions()
@@ -487,7 +500,10 @@ cdef class Virtqueue:
                 self._last = <uint16_t>(self._last - (taken - k))
                 break
             head = self._heads[k]
-            heads.append(head)
+            if heads is not None:
+                heads.append(head)
+            else:
+                self._put_used_buf(nused, head, 0)
             if head < self.size:  # fast path: header and frame in one readable descriptor
                 vr_fetch(&d, self._desc + 16 * <size_t>head)
                 self.desc_fetches += 1
