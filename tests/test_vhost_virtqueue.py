@@ -542,3 +542,19 @@ def test_guest_cannot_change_a_frame_after_it_was_popped(ram, split, Vq):
     assert bytes(frames[0]) == FRAME
     frames.clear()
     mem.close()
+
+
+def test_pop_done_returns_every_descriptor_in_the_same_call(ram, Vq):
+    """pop_done: the frames (copies), and every head popped on the used ring with length
+    0 at once, bad chains included, published once; the notification wish comes back."""
+    dq, vq, mem = make(ram, Vq)
+    frames_in = [bytes([i]) * (60 + i) for i in range(3)]
+    heads = [dq.send_frame(f) for f in frames_in]
+    dq.write_desc(15, 0xDEAD_0000_0000, 64)  # outside guest memory: a bad chain
+    dq.make_available([15])
+    got: list = []
+    bad, notify = vq.pop_done(32, got)
+    assert (got, bad, notify) == (frames_in, 1, True)
+    assert dq.used_idx() == 4 and dq.take_used() == [(h, 0) for h in heads] + [(15, 0)]
+    assert vq.pop_done(32, got) == (0, False) and vq.used_idx == 4  # nothing more: no publish
+    mem.close()
