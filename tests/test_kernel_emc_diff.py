@@ -185,6 +185,9 @@ def signature(out: dict, inputs: list) -> list:
     sig = []
     for no, lst in out.items():
         for f in lst:
+            if len(f) <= 1:  # CPython shares its 0- and 1-byte bytes objects: no identity
+                sig.append((no, bytes(f), "short"))
+                continue
             same = [i for i, x in enumerate(inputs) if x is f]
             ident = ("in", same[0]) if same else ("new", news.setdefault(id(f), len(news)))
             sig.append((no, bytes(f), ident))
