@@ -355,3 +355,19 @@ def test_vring_enable_before_any_negotiation_is_taken(dev):
     dev.handle(msg(R.SET_OWNER))
     assert dev.handle(msg(R.SET_VRING_ENABLE, p.VRING_STATE.pack(1, 1))) is None
     assert dev.rings[1].enabled
+
+
+def test_a_started_ring_asks_for_kicks_again(dev, ram, datapath):
+    """A back end killed while it polled a ring left NO_NOTIFY in used.flags; the guest
+    would never kick the new one: starting a ring clears it (and, with EVENT_IDX, sets
+    avail_event to the next entry)."""
+    negotiate(dev)
+    dev.handle(mem_table(ram))
+    q = DriverQueue(ram, 16)
+    q.ram.write_u16(q.used, 1)  # VIRTQ_USED_F_NO_NOTIFY, as the old back end left it
+    a = q.addr(1)
+    dev.handle(msg(R.SET_VRING_NUM, p.VRING_STATE.pack(1, 16)))
+    dev.handle(msg(R.SET_VRING_ADDR, p.VRING_ADDR.pack(1, 0, a.desc, a.used, a.avail, 0)))
+    dev.handle(u64(R.SET_VRING_KICK, 1 | p.VRING_NOFD_MASK))
+    assert dev.rings[1].started
+    assert q.used_flags() == 0

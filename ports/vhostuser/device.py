@@ -469,6 +469,10 @@ class Device:
         if _resume_at_used(q):
             log.warning("vring %d: base %d but used index %d: resuming at the used index",
                         ring.index, ring.base, q.used_idx)
+        # A new ring wants kicks: a back end that was killed while it polled this ring
+        # left NO_NOTIFY (or a stale avail_event) in guest memory, and the guest would
+        # never kick again (the port turns them off itself where it wants them off).
+        q.ask_kicks(True)
         ring.started = True
         return True
 
