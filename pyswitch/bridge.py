@@ -48,7 +48,6 @@ from .fdb import DEFAULT_AGING_TIME, DEFAULT_MAX_ENTRIES, MacTable
 from .flows import (
     Decision,
     FlowEntry,
-    FlowFilter,
     FlowTables,
     PortNames,
     decide,
@@ -163,11 +162,7 @@ class Bridge:
             wanted = [parse_flow(t, self.names) for t in texts]
         self.sync()  # rules that go leave with the counts of every frame they matched
         keep = set(wanted)
-        for e in self.flows.entries():
-            if e.flow not in keep:
-                f = e.flow
-                self.flows.delete(FlowFilter(match=f.match, table=f.table, priority=f.priority),
-                                  strict=True)
+        self.flows.remove([e for e in self.flows.entries() if e.flow not in keep])
         present = {e.flow for e in self.flows.entries()}
         for f in wanted:
             if f not in present:

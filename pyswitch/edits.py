@@ -206,13 +206,15 @@ def _add_flow(raw: Raw, p: dict[str, Any]) -> None:
     texts = p.get("flows") if "flows" in p else [p.get("flow")]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ControlError("add-flow needs a flow string", 2)
-    current = _parse_each(flows, names)
+    # (table, priority, match) -> rule texts, in order; a rule added goes last, as it did
+    rules: dict[tuple[Any, ...], list[str]] = {}
+    for text, f in zip(flows, _parse_each(flows, names)):
+        rules.setdefault((f.table, f.priority, f.match), []).append(text)
     for new in _parse_each(texts, names):
-        keep = [(t, f) for t, f in zip(flows, current)
-                if (f.table, f.priority, f.match) != (new.table, new.priority, new.match)]
-        flows = [t for t, _ in keep] + [format_flow(new, names)]
-        current = [f for _, f in keep] + [new]
-    br["flows"] = flows
+        key = (new.table, new.priority, new.match)
+        rules.pop(key, None)
+        rules[key] = [format_flow(new, names)]
+    br["flows"] = [t for texts_ in rules.values() for t in texts_]
 
 
 def _select(p: dict[str, Any], flows: list[str], names: PortNames, with_actions: bool = False

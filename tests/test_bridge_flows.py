@@ -89,3 +89,25 @@ def test_flow_timeouts_expire_through_the_bridge():
     assert br.process(1, [frame(BCAST, mac(1))], now=1) == {}
     assert [e.removed_reason for e in br.expire(now=5)] == ["hard"]
     assert sorted(br.process(1, [frame(BCAST, mac(1))], now=6)) == [2, 3]
+
+
+def test_ten_thousand_rules_in_and_out(datapath):
+    """add-flows of 10,000 rules and replace-flows back to one (issue 10's scale): each
+    rule is added once, replaced by its match, and removed with its table; both were
+    quadratic (a 10,000-rule add-flows did not end in minutes)."""
+    from pyswitch.edits import EDITS
+
+    raw = {"bridges": {"br0": {"ports": {"a": {"type": "memory"}, "b": {"type": "memory"}}}}}
+    texts = [f"priority=10,udp,tp_dst={i} actions=output:b" for i in range(10_000)]
+    EDITS["add-flows"](raw, {"bridge": "br0", "flows": texts})
+    EDITS["add-flows"](raw, {"bridge": "br0", "flows": ["priority=10,udp,tp_dst=7 actions=drop"]})
+    flows = raw["bridges"]["br0"]["flows"]
+    assert len(flows) == 10_001  # the default rule, 9,999 kept, one replaced (now last)
+    assert flows[-1] == "priority=10,udp,tp_dst=7 actions=drop"
+    br = Bridge("br0")
+    br.add_port(1, "a", PortVlan.make(None, None, None), PortCounters())
+    br.add_port(2, "b", PortVlan.make(None, None, None), PortCounters())
+    br.set_flows(flows, 0.0)
+    assert len(br.flows.entries()) == 10_001
+    br.set_flows(["priority=0 actions=NORMAL"], 1.0)
+    assert [str(e.flow.priority) for e in br.flows.entries()] == ["0"]

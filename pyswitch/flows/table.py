@@ -24,7 +24,7 @@ included) so that idle timeouts see traffic that never reaches the classifier.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,6 +119,18 @@ class FlowTables:
         if gone:
             self.generation += 1
         return gone
+
+    def remove(self, entries: Iterable[FlowEntry]) -> None:
+        """Remove these rules (by identity), with one generation bump: what ``delete``
+        does for rules already in hand, without a selection per rule (a table of 10,000
+        rules replaced by one would otherwise cost 10,000 scans)."""
+        n = 0
+        for e in entries:
+            self._tables[e.flow.table].remove(e)
+            e.removed_reason = "delete"
+            n += 1
+        if n:
+            self.generation += 1
 
     def expire(self, now: float) -> list[FlowEntry]:
         """Remove and return the rules whose idle or hard timeout has passed at ``now``;
