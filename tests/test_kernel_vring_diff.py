@@ -5,7 +5,7 @@ very top of the 64-bit address space), random bytes in them, a ring of random si
 descriptors are a mix of good buffers and hostile ones (outside memory, straddling a region
 end, at 2**64 - 16, zero length, loops, indexes past the table, nested or malformed
 INDIRECT tables, the wrong direction), and a random sequence of driver and device steps:
-pop_frames, fill_frames (random frames, batch sizes, with and without MRG_RXBUF),
+pop_frames, pop_done, fill_frames (random frames, batch sizes, with and without MRG_RXBUF),
 put_used, need_notify, ask_kicks, walk, more avail entries (sometimes an absurd jump),
 new flags / used_event, and regions added (ADD_MEM_REG) or removed after the ring exists.
 
@@ -226,6 +226,12 @@ def _pop(vq, max_n, hdr_len):
     return [bytes(f) for f in frames], heads, bad
 
 
+def _pop_done(vq, max_n, hdr_len):
+    frames: list = []
+    bad, notify, nbytes, longest = vq.pop_done(max_n, frames, hdr_len)
+    return [bytes(f) for f in frames], bad, notify, nbytes, longest
+
+
 def _fill(vq, frames, mergeable, hdr_len):
     res = vq.fill_frames(frames, mergeable, hdr_len)
     return (res.taken, res.sent, res.bytes, res.bad, res.too_big, res.notify)
@@ -239,12 +245,15 @@ def step(pair: Pair, data: st.DataObject) -> str:
     """One random driver or device step, on both; returns its name."""
     g = pair.guest
     draw = data.draw
-    op = draw(st.sampled_from(["pop", "pop", "fill", "fill", "post", "post", "put_used",
-                               "notify", "kicks", "walk", "flags", "add", "remove"]))
+    op = draw(st.sampled_from(["pop", "pop", "pop_done", "fill", "fill", "post", "post",
+                               "put_used", "notify", "kicks", "walk", "flags", "add", "remove"]))
     if op == "pop":
         max_n = draw(st.sampled_from([0, 1, 4, 32, 64]))
         _, heads, _ = pair.both(op, lambda vq: _pop(vq, max_n, g.hdr_len))
         pair.popped += heads
+    elif op == "pop_done":  # pop and give the heads back in one call, as the port does
+        max_n = draw(st.sampled_from([0, 1, 4, 32, 64]))
+        pair.both(op, lambda vq: _pop_done(vq, max_n, g.hdr_len))
     elif op == "fill":
         lengths = draw(st.lists(st.sampled_from([0, 1, 14, 60, 64, 300, 1514, 1518, 2000])
                                 | st.integers(0, 1600), max_size=40))

@@ -553,8 +553,9 @@ def test_pop_done_returns_every_descriptor_in_the_same_call(ram, Vq):
     dq.write_desc(15, 0xDEAD_0000_0000, 64)  # outside guest memory: a bad chain
     dq.make_available([15])
     got: list = []
-    bad, notify = vq.pop_done(32, got)
+    bad, notify, nbytes, longest = vq.pop_done(32, got)
     assert (got, bad, notify) == (frames_in, 1, True)
+    assert (nbytes, longest) == (sum(map(len, frames_in)), 62)  # the port's counters, MTU check
     assert dq.used_idx() == 4 and dq.take_used() == [(h, 0) for h in heads] + [(15, 0)]
-    assert vq.pop_done(32, got) == (0, False) and vq.used_idx == 4  # nothing more: no publish
+    assert vq.pop_done(32, got) == (0, False, 0, 0) and vq.used_idx == 4  # nothing: no publish
     mem.close()

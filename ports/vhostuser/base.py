@@ -203,13 +203,14 @@ class VhostUserPort(Port):
             return frames
         hdr_len, n = self.device.hdr_len, len(tx)
         start, self._tx_rr = self._tx_rr % n, self._tx_rr + 1
+        nbytes, oversize = 0, False
         for i in range(n):
             ring = tx[(start + i) % n]
             q = ring.queue
             if q is None:
                 continue
             before = len(frames)
-            bad, wanted = q.pop_done(max_frames - before, frames, hdr_len)
+            bad, wanted, got, longest = q.pop_done(max_frames - before, frames, hdr_len)
             if bad or len(frames) > before:
                 self._notify(ring, wanted)
             if q.broken:
@@ -219,13 +220,17 @@ class VhostUserPort(Port):
             if not ring.enabled:
                 self.vhost_stats["tx_disabled_discards"] += len(frames) - before
                 del frames[before:]
+            else:
+                nbytes += got
+                oversize = oversize or longest > self._limit
             if len(frames) >= max_frames:
                 break
-        if frames and max(map(len, frames)) > self._limit:
+        if oversize:  # rare: the kernel's longest frame said so, no pass over the batch
             frames = self._drop_oversize(frames, rx=True)
+            nbytes = sum(map(len, frames))
         if frames:
             self.counters.rx_packets += len(frames)
-            self.counters.rx_bytes += sum(map(len, frames))
+            self.counters.rx_bytes += nbytes
         else:
             self.release()
         return frames

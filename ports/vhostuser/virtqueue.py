@@ -284,14 +284,20 @@ class Virtqueue:
         self.stats.bad_chains += bad
         return bad
 
-    def pop_done(self, max_n: int, frames: list, hdr_len: int = NET_HDR_LEN) -> tuple[int, bool]:
+    def pop_done(self, max_n: int, frames: list, hdr_len: int = NET_HDR_LEN
+                 ) -> tuple[int, bool, int, int]:
         """:meth:`pop_frames`, then every head popped straight back to the guest (used,
         length 0, published once): the frames are copies, so the guest may reuse its
-        buffers at once.  Returns (bad chains, whether the driver wants a notification).
-        One call per batch on the compiled path."""
+        buffers at once.  Returns (bad chains, whether the driver wants a notification,
+        bytes of the frames appended, the longest of them or 0) -- the port's counters
+        and MTU check without another pass over the frames.  One call per batch on the
+        compiled path."""
         heads: list[int] = []
+        before = len(frames)
         bad = self.pop_frames(max_n, frames, heads, hdr_len)
-        return bad, self.put_used([(h, 0) for h in heads])
+        lengths = [len(f) for f in frames[before:]]
+        return (bad, self.put_used([(h, 0) for h in heads]), sum(lengths),
+                max(lengths, default=0))
 
     # -- receiveq: frames to the guest ----------------------------------------------------
     def fill_frames(self, frames: Sequence, mergeable: bool, hdr_len: int = NET_HDR_LEN) -> RxResult:

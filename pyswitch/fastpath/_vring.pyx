@@ -477,10 +477,17 @@ cdef class Virtqueue:
 
     def pop_done(self, Py_ssize_t max_n, list frames, int hdr_len=NET_HDR_LEN):
         """The reference's pop_done: pop_frames, then every head popped back on the used
-        ring with length 0, published once, in the same call; (bad chains, notify)."""
+        ring with length 0, published once, in the same call; (bad chains, notify,
+        bytes of the frames appended, the longest of them or 0)."""
         cdef int n = 0
+        cdef Py_ssize_t before = len(frames), i, length, nbytes = 0, longest = 0
         bad = self._pop(max_n, frames, None, hdr_len, &n)
-        return bad, self._publish(n)
+        for i in range(before, len(frames)):
+            length = PyBytes_GET_SIZE(frames[i])
+            nbytes += length
+            if length > longest:
+                longest = length
+        return bad, self._publish(n), nbytes, longest
 
     cdef int _pop(self, Py_ssize_t max_n, list frames, list heads, int hdr_len,
                   int *nused) except -1:
