@@ -203,3 +203,13 @@ def test_hostile_chains_are_dropped_and_counted_identically(kind):
             ram.close()
     assert seen[0] == seen[1]
     assert seen[0][0][2] == 1  # the transmit side dropped it as one bad chain
+
+
+def test_longest_is_the_reference_max():
+    """The kernel's batch MTU helper equals the reference for every buffer kind."""
+    from pyswitch import fastpath
+    from pyswitch.ports.vhostuser import virtqueue
+
+    kernel = fastpath.load_kernel("_vring")
+    for frames in ([], [b""], [b"ab", bytearray(70), memoryview(b"x" * 1518), b"y" * 9]):
+        assert kernel.longest(frames) == virtqueue.longest(frames)

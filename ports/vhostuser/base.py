@@ -20,7 +20,10 @@ from typing import Any, Mapping, Sequence
 
 from pyswitch.port import MAX_BURST, Frame, Port, PortError, PortIO, Timer
 
+from pyswitch import fastpath
+
 from . import protocol as p
+from . import virtqueue
 from .device import Device, FatalDeviceError, Vring
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class VhostUserPort(Port):
         self.conn: socket.socket | None = None
         self._reader = p.MessageReader()
         self.device = Device(before_close_kick=self._unwatch_kick, on_refused=self._refused)
+        kernel = fastpath.kernel("_vring")  # the MTU check's loop: the kernel's on its path
+        self._longest = virtqueue.longest if kernel is None else kernel.longest
         self._kick_watch: dict[int, int] = {}  # kick fd -> vring index
         self._tx: list[Vring] = []  # started TX rings
         self._rx: list[Vring] = []  # started and enabled RX rings
@@ -298,7 +303,7 @@ class VhostUserPort(Port):
         if not rx:
             self.counters.drop("link_down", len(frames), rx=False)
             return 0
-        if max(map(len, frames)) > self._limit:
+        if self._longest(frames) > self._limit:
             frames = self._drop_oversize(frames, rx=False)
         if len(rx) == 1:
             groups: list[tuple[Vring, Sequence[Frame]]] = [(rx[0], frames)]
@@ -383,3 +388,4 @@ def _spread(rx: list[Vring], frames: Sequence[Frame]) -> list[tuple[Vring, Seque
     for f in frames:
         buckets[hash(bytes(f[:12])) % n].append(f)
     return [(rx[i], b) for i, b in enumerate(buckets) if b]
+

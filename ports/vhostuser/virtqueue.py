@@ -397,6 +397,12 @@ class Virtqueue:
         return chains
 
 
+def longest(frames: Sequence) -> int:
+    """The length of the longest of ``frames`` (0 if none), for a port's MTU check of a
+    batch; the compiled kernel has the same function."""
+    return max(map(len, frames), default=0)
+
+
 def new_virtqueue(mem: GuestMemory, size: int, desc: int, avail: int, used: int, *,
                   last_avail_idx: int = 0, event_idx: bool = False) -> Virtqueue:
     """A virtqueue of the data path that runs: the compiled kernel's (same interface,

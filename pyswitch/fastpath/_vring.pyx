@@ -725,3 +725,14 @@ cdef class Virtqueue:
                     written += take
             self._used_buf[2 * (at + c)] = self._chains[c].head
             self._used_buf[2 * (at + c) + 1] = <uint32_t>written
+
+
+def longest(frames):
+    """The length of the longest frame of ``frames`` (0 if none): the reference's
+    ``max(map(len, frames), default=0)``, for a port's MTU check of a batch."""
+    cdef Py_ssize_t best = 0, n
+    for f in frames:
+        n = PyBytes_GET_SIZE(f) if type(f) is bytes else len(f)
+        if n > best:
+            best = n
+    return best
