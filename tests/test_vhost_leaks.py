@@ -168,7 +168,10 @@ def run_testpmd(live: LiveSwitch, vdev: str, cleanup: tuple[Path, ...]) -> None:
         assert live.forwards()
         if round_ == 0:  # the first session allocated what the port keeps
             fds0, maps0 = footprint()[:2]
-    assert wait_until(lambda: open_fds() == fds0), f"fds: {open_fds()} after, {fds0} before"
+    # a leak grows the count; the first sample may still hold one of the test's own
+    # transient fds (the last testpmd's pipes, the client port's reconnect socket), so the
+    # count may end lower (seen in CI: 27 after, 28 before), never higher
+    assert wait_until(lambda: open_fds() <= fds0), f"fds: {open_fds()} after, {fds0} before"
     assert maps() == maps0
     assert live.stat("connections") == conn0 + RESTARTS
     live.assert_healthy()
