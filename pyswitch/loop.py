@@ -5,9 +5,9 @@ Everything the switch does happens in callbacks from this loop: control-plane fd
 writable for output that could not be sent at once: :meth:`EventLoop.watch_writable`); data fds mark their port
 *ready*, and the loop then services ready ports in rounds, each port receiving at most
 one batch (``MAX_BURST`` frames) per round so that a busy port cannot starve others.
-A port that returned a full batch stays ready for the next round; one that returned
-less is considered drained until its fd fires again (epoll is level-triggered, so no
-readiness is lost).
+The owner's ``service`` says whether a port stays ready for the next round (the switch
+keeps a port ready while traffic flows: see ``pyswitch.switch``); one that is not is
+serviced again when its fd fires (epoll is level-triggered, so no readiness is lost).
 
 The loop is the only place that reads the clock (``time.monotonic``); it passes ``now``
 down.  Signals (SIGINT/SIGTERM) are turned into a clean stop through a wakeup fd.
@@ -48,8 +48,8 @@ class EventLoop:
     """epoll + timers + a set of ready items serviced in rounds.
 
     ``service(item)`` is the function the owner (the switch) provides to work one
-    ready item (a port); it returns True when the item should stay ready (it had a
-    full batch) and False when drained.
+    ready item (a port); it returns True when the item should stay ready (polled in the
+    next round) and False when it may sleep until its fd fires.
     """
 
     def __init__(self, service: Callable[[object], bool] | None = None) -> None:

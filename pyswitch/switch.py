@@ -204,7 +204,8 @@ class Switch:
 
     # -- data path -----------------------------------------------------------------------
     def _service(self, port: object) -> bool:
-        """Move one batch from ``port``; True if it may have more (a full batch)."""
+        """Move one batch from ``port``; True while it stays polled (it gave frames, or
+        its linger has not passed, or pmd), False when it goes back to sleep."""
         att = self._by_port.get(port)  # type: ignore[arg-type]
         if att is None:
             return False
