@@ -54,7 +54,7 @@ from pyswitch import fastpath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import stop_group
-from veth_rate import FRAME, _Io
+from veth_rate import FRAME, _Io, receive_loop
 
 TRAFGEN_CONF = "{ 0x02,0,0,0,0xcc,0x01, 0x02,0,0,0,0xcc,0x02, 0x88,0xb5, fill(0x41, 46) }\n"
 
@@ -84,21 +84,8 @@ def trafgen(dev: str, ns: str | None) -> Iterator[None]:
 
 def receive_rate(port: VethPort | TapPort, dev: str, ns: str | None, seconds: float) -> tuple[float, float]:
     """(kpps received, µs of CPU per frame in receive+release) under a trafgen flood."""
-    poll = select.poll()
-    port.attach(_Io(poll))  # type: ignore[arg-type]
     with trafgen(dev, ns):
-        frames, busy = 0, 0.0
-        start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            if not poll.poll(100):
-                continue
-            t = time.perf_counter()
-            got = port.receive(32)
-            if got:
-                port.release()
-            busy += time.perf_counter() - t
-            frames += len(got)
-        elapsed = time.monotonic() - start
+        frames, busy, elapsed = receive_loop(port, seconds)
     return frames / elapsed / 1e3, busy / frames * 1e6 if frames else float("nan")
 
 

@@ -52,20 +52,7 @@ def bench_receive(port: VethPort, ns: str, seconds: float) -> None:
         gen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         try:
-            poll = select.poll()
-            port.attach(_Io(poll))
-            frames, busy = 0, 0.0
-            start = time.monotonic()
-            while time.monotonic() - start < seconds:
-                if not poll.poll(100):
-                    continue
-                t = time.perf_counter()
-                got = port.receive(32)
-                if got:
-                    port.release()
-                busy += time.perf_counter() - t
-                frames += len(got)
-            elapsed = time.monotonic() - start
+            frames, busy, elapsed = receive_loop(port, seconds)
         finally:
             stop_group(gen)  # SIGTERM to trafgen and its forked worker
     per = busy / frames * 1e6 if frames else float("nan")
@@ -88,6 +75,25 @@ def bench_transmit(port: VethPort, ns: str, seconds: float) -> None:
         f"veth transmit: {arrived / elapsed / 1e3:7.0f} kpps  ({elapsed / max(sent, 1) * 1e6:.2f}"
         f" us/frame in transmit; {sent} sent, {arrived} arrived)"
     )
+
+
+def receive_loop(port, seconds: float) -> tuple[int, float, float]:
+    """Receive batches from ``port`` for ``seconds``, waking on its fd: (frames, seconds
+    spent in receive + release, seconds elapsed)."""
+    poll = select.poll()
+    port.attach(_Io(poll))
+    frames, busy = 0, 0.0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if not poll.poll(100):
+            continue
+        t = time.perf_counter()
+        got = port.receive(32)
+        if got:
+            port.release()
+        busy += time.perf_counter() - t
+        frames += len(got)
+    return frames, busy, time.monotonic() - start
 
 
 class _Io:
